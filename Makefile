@@ -1,0 +1,32 @@
+# Two commands set everything up on a fresh machine (Python 3.11 + pip): `make fit`, `make test`.
+# Each target bootstraps .venv once and re-installs only when pyproject.toml changes.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= experiments/base.yaml
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: fit test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+fit: $(STAMP)
+	$(BIN)/python -m tagmoe_lit fit --config $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/data_throughput.py
+	$(BIN)/python benchmarks/train_step.py
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

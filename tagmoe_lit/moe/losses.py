@@ -1,0 +1,35 @@
+"""Load-balancing loss over the global batch.
+
+Switch-Transformer form per layer, averaged over layers as MegaBlocks' batched loss does:
+
+    L_lb = mean_layers  E · Σ_e f_e · P_e
+
+with f_e the fraction of token assignments expert e received (no gradient) and P_e its mean router
+probability (gradient). Counts are never summed across layers before the product (DESIGN.md
+pitfall 5). f is taken over the *global* batch — counts all-reduced over data-parallel ranks — so
+each rank's P is pushed towards the global load, not its own micro-batch's: per-micro-batch
+balancing fights task specialization. A perfectly uniform router scores exactly 1.0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from tagmoe_lit.moe.stats import RoutingStats
+
+
+def global_counts(counts_LE: torch.Tensor) -> torch.Tensor:
+    """Sum per-layer expert counts over all data-parallel ranks (identity when not distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        counts_LE = counts_LE.clone()
+        dist.all_reduce(counts_LE)
+    return counts_LE
+
+
+def load_balancing_loss(stats: RoutingStats) -> torch.Tensor:
+    """E · Σ_e f_e · P_e per layer, mean over layers; 1.0 for a uniform router."""
+    counts_LE = global_counts(torch.stack([layer.counts_E for layer in stats.layers]))
+    f_LE = counts_LE / counts_LE.sum(-1, keepdim=True).clamp_min(1.0)
+    P_LE = torch.stack([layer.probs_mean_E for layer in stats.layers])
+    return stats.num_experts * (f_LE * P_LE).sum(-1).mean()

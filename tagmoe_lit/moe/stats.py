@@ -1,0 +1,48 @@
+"""`RoutingStats`: the small record MoE layers publish on every forward.
+
+Losses and callbacks read this record and nothing else from the layers (no private attributes).
+Each layer *overwrites* its record on every forward rather than accumulating, so activation
+checkpointing's re-run of the forward (DESIGN.md pitfall 8) cannot double-count anything.
+Only tokens selected by the layer's token mask (the generated image's tokens) are counted.
+
+Legend: B samples, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LayerRouting:
+    """One MoE layer, one forward."""
+
+    probs_mean_E: torch.Tensor  # mean router probability per expert over counted tokens (grad) — P_e
+    counts_E: torch.Tensor  # top-k assignments per expert over counted tokens (no grad, float) — f_e·N·K
+    signature_BE: torch.Tensor  # per-sample mean router probabilities over its counted tokens (grad)
+    top1_counts_BE: torch.Tensor  # per-sample count of counted tokens whose top-1 expert is e (no grad)
+    entropy: torch.Tensor  # mean per-token router entropy in nats (no grad)
+
+    @property
+    def load_E(self) -> torch.Tensor:
+        """Fraction of token assignments each expert received (sums to 1)."""
+        return self.counts_E / self.counts_E.sum().clamp_min(1.0)
+
+
+@dataclass
+class RoutingStats:
+    """All MoE layers of one forward, in block order."""
+
+    layers: list[LayerRouting]
+
+    @property
+    def num_experts(self) -> int:
+        return self.layers[0].probs_mean_E.numel()
+
+    def detached(self) -> "RoutingStats":
+        """A copy without autograd history, safe to keep after the step (for callbacks)."""
+        return RoutingStats(
+            [LayerRouting(*(t.detach() for t in vars(layer).values())) for layer in self.layers]
+        )
