@@ -25,7 +25,6 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/data_throughput.py
 	$(BIN)/python benchmarks/train_step.py
 
 clean:

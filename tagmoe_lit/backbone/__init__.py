@@ -1,0 +1,7 @@
+"""Backbone: diffusers' Qwen-Image MM-DiT, the FFN→MoE surgery, latent codecs, text encoders."""
+
+from tagmoe_lit.backbone.codecs import PixelCodec, QwenVAECodec
+from tagmoe_lit.backbone.qwen_image import QwenImageBackbone
+from tagmoe_lit.backbone.text import FrozenTextEncoder
+
+__all__ = ["FrozenTextEncoder", "PixelCodec", "QwenImageBackbone", "QwenVAECodec"]

@@ -1,0 +1,291 @@
+"""`TagMoEModule`: composes backbone, MoE, alignment and flow matching into one training step.
+
+The module holds no component math. It builds the components in `configure_model` (from factories,
+so a large backbone is never built at parse time), and its step reads like DiT's loop:
+
+    σ, ε ~ sampler(seed, step, rank)          # explicit generator: bit-exact resume
+    x_σ = (1 − σ)·x0 + σ·ε                    # flow.interpolate
+    v̂, routing = backbone(x_σ, reference, text, σ)
+    L = L_flow + λ_lb·L_lb + λ_align·(1 − cos(H(g), s))
+
+Routing statistics of the last forward are published as `routing_stats` (detached) with the batch's
+task ids in `routing_tasks`; callbacks read those two attributes and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch import nn
+
+from tagmoe_lit.align import MLPHead, SumTagEmbedder, alignment_baselines, alignment_loss, routing_signature
+from tagmoe_lit.backbone import FrozenTextEncoder, PixelCodec, QwenImageBackbone
+from tagmoe_lit.flow import LogitNormalSampler, flow_loss, interpolate
+from tagmoe_lit.moe import RoutingStats, load_balancing_loss
+from tagmoe_lit.tags import TagSchema
+
+BackboneFactory = Callable[[int, int, int, int], nn.Module]  # (token_channels, patch, out_channels, text_dim)
+TagEmbedderFactory = Callable[[int], nn.Module]  # (num_tags) → module with `.dim`
+HeadFactory = Callable[[int, int], nn.Module]  # (num_experts, tag_dim)
+EVAL_SIGMAS = (0.25, 0.5, 0.75)
+
+
+def step_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across machines and Python runs."""
+    return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:15], 16)
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint was written for another tag schema or MoE shape."""
+
+
+class TagMoEModule(L.LightningModule):
+    """TAG-MoE on a Qwen-Image MM-DiT, trained by rectified flow on editing + generation data."""
+
+    def __init__(
+        self,
+        schema: str = "synthtag",
+        backbone: BackboneFactory = QwenImageBackbone,
+        text_encoder: nn.Module | None = None,
+        codec: nn.Module | None = None,
+        tag_embedder: TagEmbedderFactory | None = SumTagEmbedder,
+        head: HeadFactory = MLPHead,
+        timesteps: Callable[[int, torch.Generator], torch.Tensor] | None = None,
+        lambda_lb: float = 0.01,
+        lambda_align: float = 1.0,
+        text_dropout: float = 0.1,
+        reference_dropout: float = 0.05,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.99),
+        warmup_steps: int = 50,
+        cosine_decay: bool = True,
+        min_lr_ratio: float = 0.1,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            schema: tag schema name or YAML path (linked from `data.schema` by the CLI).
+            backbone: factory of the MM-DiT; called with (token_channels, patch, out_channels, text_dim).
+            text_encoder: instructions → text tokens (default: frozen bundled MiniLM).
+            codec: images ↔ image tokens (default: `PixelCodec(patch=2)`).
+            tag_embedder: factory (num_tags) → s-embedder; null disables the alignment branch.
+            head: factory (num_experts, tag_dim) → prediction head H.
+            timesteps: σ sampler called as (n, generator) (default: logit-normal(0, 1)).
+            lambda_lb: weight of the load-balancing loss (official: 0.01).
+            lambda_align: weight of the alignment loss (paper: unpublished; default 1.0).
+            text_dropout: probability of training a sample with the empty instruction (for CFG).
+            reference_dropout: probability of training an edit with a blank reference frame.
+            lr: peak AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            betas: AdamW betas.
+            warmup_steps: linear warmup steps.
+            cosine_decay: decay to `min_lr_ratio`·lr over `trainer.max_steps` after warmup.
+            min_lr_ratio: final learning rate as a fraction of `lr`.
+            seed: seeds the per-step noise / σ / dropout generator (with step and rank).
+        """
+        super().__init__()
+        self.schema = TagSchema.load(schema)
+        self.backbone_factory, self.tag_embedder_factory, self.head_factory = backbone, tag_embedder, head
+        self.text_encoder = text_encoder if text_encoder is not None else FrozenTextEncoder()
+        self.codec = codec if codec is not None else PixelCodec()
+        self.timesteps = timesteps if timesteps is not None else LogitNormalSampler()
+        self.lambda_lb, self.lambda_align = lambda_lb, lambda_align
+        self.text_dropout, self.reference_dropout = text_dropout, reference_dropout
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_steps, self.cosine_decay, self.min_lr_ratio = warmup_steps, cosine_decay, min_lr_ratio
+        self.seed = seed
+        self.backbone: nn.Module | None = None
+        self.tag_embedder: nn.Module | None = None
+        self.head: nn.Module | None = None
+        self.routing_stats: RoutingStats | None = None
+        self.routing_tasks: torch.Tensor | None = None
+        self._eval_sums: dict[str, list[float]] = {}
+
+    # -- building ------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Build the components once (idempotent: Lightning may call it again)."""
+        if self.backbone is not None:
+            return
+        self.backbone = self.backbone_factory(
+            self.codec.token_channels, self.codec.patch, self.codec.channels, self.text_encoder.dim
+        )
+        if self.has_moe and self.tag_embedder_factory is not None:
+            self.tag_embedder = self.tag_embedder_factory(self.schema.num_tags)
+            self.head = self.head_factory(self.num_experts, self.tag_embedder.dim)
+
+    @property
+    def has_moe(self) -> bool:
+        return bool(getattr(self.backbone, "moe_layers", None))
+
+    @property
+    def num_experts(self) -> int:
+        return self.backbone.moe_layers[0].num_experts if self.has_moe else 0
+
+    # -- forward -------------------------------------------------------------------------------
+    def grid(self, images: torch.Tensor) -> tuple[int, int]:
+        H, W = images.shape[-2:]
+        d = self.codec.downsample
+        if H % d or W % d:
+            raise ValueError(f"Image size {H}×{W} is not a multiple of the codec's {d} pixels per token.")
+        return H // d, W // d
+
+    def velocity(
+        self, noisy: torch.Tensor, reference: torch.Tensor, grid: tuple[int, int], instructions: list[str], sigma: torch.Tensor
+    ) -> tuple[torch.Tensor, RoutingStats | None]:
+        """Backbone call with text encoding: the one forward both training and sampling use."""
+        text, text_mask = self.text_encoder(instructions, device=noisy.device)
+        return self.backbone(noisy, reference, grid, text.to(noisy.dtype), text_mask, sigma.to(noisy.device))
+
+    def _conditioning(self, batch: dict, drop_text: torch.Tensor, drop_ref: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+        """Instructions and reference tokens, blanked where dropped (blank frame = zero tokens)."""
+        instructions = ["" if d else t for t, d in zip(batch["instruction"], drop_text.tolist())]
+        keep = (batch["has_source"] & ~drop_ref.to(batch["has_source"].device)).to(batch["source"].dtype)
+        reference = self.codec.encode(batch["source"]) * keep[:, None, None]
+        return instructions, reference
+
+    def loss_terms(self, batch: dict, sigma: torch.Tensor, noise: torch.Tensor, drop_text: torch.Tensor, drop_ref: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All loss terms of one batch; `loss` is the weighted total. Publishes routing stats."""
+        if batch["tags"].shape[1] != self.schema.num_tags:
+            raise ValueError(
+                f"Batch tags have {batch['tags'].shape[1]} ids but the model's schema {self.schema.name} has "
+                f"{self.schema.num_tags}; use the same `schema` for data and model."
+            )
+        x0 = self.codec.encode(batch["target"])
+        instructions, reference = self._conditioning(batch, drop_text, drop_ref)
+        pred, stats = self.velocity(interpolate(x0, noise, sigma), reference, self.grid(batch["target"]), instructions, sigma)
+        per_sample = flow_loss(pred, x0, noise)
+        terms = {"flow": per_sample.mean(), "flow_per_sample": per_sample.detach()}
+        loss = terms["flow"]
+        if stats is not None:
+            terms["lb"] = load_balancing_loss(stats)
+            loss = loss + self.lambda_lb * terms["lb"]
+            if self.tag_embedder is not None:
+                g, s = routing_signature(stats), self.tag_embedder(batch["tags"])
+                terms["align"] = alignment_loss(self.head(g), s).mean()
+                terms.update(alignment_baselines(self.head, g.detach(), s.detach()))
+                loss = loss + self.lambda_align * terms["align"]
+            terms["router_entropy"] = torch.stack([layer.entropy for layer in stats.layers]).mean()
+            self.routing_stats, self.routing_tasks = stats.detached(), batch["task"].detach()
+        terms["loss"] = loss
+        return terms
+
+    # -- training ------------------------------------------------------------------------------
+    def _step_generator(self, batch_idx: int) -> torch.Generator:
+        micro = batch_idx % self.trainer.accumulate_grad_batches if self._trainer else 0
+        return torch.Generator().manual_seed(step_seed(self.seed, self.global_step, micro, self.global_rank))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x = batch["target"]
+        B = x.shape[0]
+        gen = self._step_generator(batch_idx)
+        sigma = self.timesteps(B, gen)
+        T, P = self.grid(x)[0] * self.grid(x)[1], self.codec.token_channels
+        noise = torch.randn(B, T, P, generator=gen).to(x)
+        drop_text = torch.rand(B, generator=gen) < self.text_dropout
+        drop_ref = torch.rand(B, generator=gen) < self.reference_dropout
+        terms = self.loss_terms(batch, sigma.to(x.device), noise, drop_text, drop_ref)
+        if not torch.isfinite(terms["loss"]):
+            raise FloatingPointError(
+                f"Training loss is {terms['loss'].item()} at step {self.global_step} (terms: "
+                f"{ {k: round(v.item(), 4) for k, v in terms.items() if v.dim() == 0} }); lower `model.lr` or check the data."
+            )
+        per_sample = terms.pop("flow_per_sample")
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=B)
+        bins = (sigma * 4).long().clamp(max=3)  # flow loss binned by σ quartile (minRF's lossbin view)
+        for b in bins.unique().tolist():
+            self.log(f"train/flow_sigma_q{b}", per_sample[bins.to(per_sample.device) == b].mean(), batch_size=B)
+        return terms["loss"]
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def _fixed_noise_terms(self, batch: dict) -> dict[str, float]:
+        """Flow loss at fixed σ ∈ {0.25, 0.5, 0.75} and fixed noise, with and without conditioning."""
+        x = batch["target"]
+        B = x.shape[0]
+        gen = torch.Generator().manual_seed(step_seed(self.seed, int(batch["index"][0])))
+        h, w = self.grid(x)
+        noise = torch.randn(B, h * w, self.codec.token_channels, generator=gen).to(x)
+        keep, drop = torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)
+        out = {"flow_fixed": 0.0, "flow_fixed_uncond": 0.0}
+        for s in EVAL_SIGMAS:
+            sigma = torch.full((B,), s, device=x.device)
+            # unconditional first, so the published routing stats are the conditional forward's
+            out["flow_fixed_uncond"] += self.loss_terms(batch, sigma, noise, drop, drop)["flow"].item() / len(EVAL_SIGMAS)
+            terms = self.loss_terms(batch, sigma, noise, keep, keep)
+            out["flow_fixed"] += terms["flow"].item() / len(EVAL_SIGMAS)
+            if s == 0.5:
+                out.update({k: v.item() for k, v in terms.items() if k not in ("flow", "loss", "flow_per_sample")})
+        return out
+
+    def _eval_step(self, batch: dict) -> None:
+        for k, v in self._fixed_noise_terms(batch).items():
+            self._eval_sums.setdefault(k, []).append(v)
+
+    def _eval_epoch_end(self, prefix: str) -> dict[str, float]:
+        metrics = {f"{prefix}/{k}": sum(v) / len(v) for k, v in self._eval_sums.items()}
+        self._eval_sums = {}
+        if f"{prefix}/flow_fixed" in metrics:
+            metrics[f"{prefix}/cond_gain"] = metrics[f"{prefix}/flow_fixed_uncond"] / metrics[f"{prefix}/flow_fixed"] - 1
+        if self.trainer.sanity_checking:  # Lightning drops self.log here; keep the step-0 reference
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=0)
+        else:
+            self.log_dict(metrics, sync_dist=True)
+        return metrics
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # -- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+
+        def schedule(step: int) -> float:
+            if step < self.warmup_steps:
+                return (step + 1) / self.warmup_steps
+            if not self.cosine_decay or total is None:
+                return 1.0
+            progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
+            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        """Plain-typed facts a checkpoint must share with the model it loads into."""
+        return {
+            "schema": self.schema.name,
+            "schema_fingerprint": self.schema.fingerprint,
+            "num_tags": self.schema.num_tags,
+            "num_experts": self.num_experts,
+            "moe_layers": len(getattr(self.backbone, "moe_layers", [])),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tagmoe"] = self._identity()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved, mine = checkpoint.get("tagmoe"), self._identity()
+        if saved is None:
+            raise CheckpointMismatchError("Checkpoint has no 'tagmoe' record: it was not written by tagmoe_lit.")
+        diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in mine.items() if saved.get(k) != v]
+        if diffs:
+            raise CheckpointMismatchError(
+                "Checkpoint does not match this model (" + "; ".join(diffs) + "); load it with the config it was trained with."
+            )
