@@ -66,14 +66,13 @@ class FrozenTextEncoder(nn.Module):
 
     @torch.no_grad()
     def _encode_missing(self, texts: list[str]) -> None:
-        missing = sorted({t for t in texts if t not in self._cache})
-        if not missing:
-            return
-        tokenizer, model = self._load()
-        batch = tokenizer(missing, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        hidden = model(**batch).last_hidden_state.float()
-        for text, h, m in zip(missing, hidden, batch["attention_mask"].bool()):
-            self._cache[text] = h[m].clone()
+        """Encode uncached instructions one at a time: an instruction's features must not depend on
+        which others shared its batch (padding changes kernel shapes and rounding), or a resumed run
+        with a cold cache would drift from a straight one."""
+        for text in dict.fromkeys(t for t in texts if t not in self._cache):
+            tokenizer, model = self._load()
+            tokens = tokenizer(text, truncation=True, max_length=self.max_length, return_tensors="pt")
+            self._cache[text] = model(**tokens).last_hidden_state[0].float()
 
     def forward(self, instructions: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         self._encode_missing(instructions)

@@ -1,0 +1,102 @@
+"""End to end through the CLI: TensorBoard contents, router swap, exact resume, clear failures."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tagmoe_lit.cli import TagMoECLI
+from tagmoe_lit.moe import MLPRouter
+from tagmoe_lit.module import CheckpointMismatchError
+from test_configs import BASE, smoke_args
+
+
+def fit(tmp_path: Path, *extra: str, steps: int = 2) -> TagMoECLI:
+    return TagMoECLI(args=["fit", "--config", str(BASE), *smoke_args(tmp_path, steps), *extra])
+
+
+def scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {k: [(e.step, e.value) for e in acc.Scalars(k)] for k in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_holds_loss_terms_and_per_layer_per_expert_loads(tmp_path):
+    cli = fit(
+        tmp_path,
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.val_check_interval", "4",
+        "--trainer.callbacks+=callbacks.ExpertLoadMonitor", "--trainer.callbacks.every_n_steps", "1",
+        "--data.val_samples", "18", "--trainer.limit_val_batches", "null",
+        steps=4,
+    )
+    logged = scalars(cli.trainer.log_dir)
+    for term in ("flow", "lb", "align", "align_shuffled", "align_constant", "loss", "router_entropy"):
+        assert f"train/{term}" in logged, term
+    layers = len(cli.model.backbone.moe_layers)
+    for i in range(layers):
+        loads = [logged[f"moe/layer_{i}/load_e{j}"][-1][1] for j in range(4)]
+        assert sum(loads) == pytest.approx(1.0, abs=1e-5)
+        assert f"val_routing/layer_{i}/nmi" in logged and f"val_routing/layer_{i}/nmi_shuffled" in logged
+    assert any(k.startswith("val_routing/recolor/e") for k in logged)
+    assert {"val/flow_fixed", "val/flow_fixed_uncond", "val/cond_gain"} <= set(logged)
+    assert list(Path(cli.trainer.log_dir, "checkpoints").glob("*.ckpt"))
+
+
+def test_router_swap_from_the_command_line_trains(tmp_path):
+    cli = fit(tmp_path, "--model.backbone.init_args.moe.init_args.router", "tagmoe_lit.moe.MLPRouter",
+              "--model.backbone.init_args.moe.init_args.router.init_args.hidden", "16")
+    routers = [layer.router for layer in cli.model.backbone.moe_layers]
+    assert all(isinstance(r, MLPRouter) and r.net[0].out_features == 16 for r in routers)
+    assert cli.trainer.global_step == 2
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]
+
+
+class StopAt(L.Callback):
+    """Interrupt a run after `step` optimizer steps without changing max_steps (and so the LR schedule)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        trainer.should_stop = trainer.should_stop or trainer.global_step >= self.step
+
+
+def test_resume_is_bit_exact(tmp_path):
+    straight = fit(tmp_path / "a", "--trainer.limit_val_batches", "0", steps=6)
+    half = fit(tmp_path / "b", "--trainer.limit_val_batches", "0", "--trainer.callbacks+=test_fit.StopAt",
+               "--trainer.callbacks.step", "3", steps=6)
+    assert half.trainer.global_step == 3
+    first = Path(half.trainer.checkpoint_callback.last_model_path)
+    resumed = fit(tmp_path / "b", "--trainer.limit_val_batches", "0", "--ckpt_path", str(first), steps=6)
+    assert resumed.trainer.global_step == 6
+    a = _weights(Path(straight.trainer.checkpoint_callback.last_model_path))
+    b = _weights(Path(resumed.trainer.checkpoint_callback.last_model_path))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_checkpoint_from_another_expert_count_is_refused_clearly(tmp_path):
+    done = fit(tmp_path, "--trainer.limit_val_batches", "0", steps=1)
+    ckpt = done.trainer.checkpoint_callback.last_model_path
+    with pytest.raises(CheckpointMismatchError, match=r"num_experts: checkpoint 4 vs config 2.*trained with"):
+        TagMoECLI(args=["validate", "--config", str(BASE), *smoke_args(tmp_path),
+                        "--model.backbone.init_args.moe.init_args.num_experts", "2", "--ckpt_path", ckpt])
+
+
+def test_diverging_loss_stops_with_one_clear_error(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"Training loss is (nan|inf) at step \d+ .*lower `model.lr`"):
+        fit(tmp_path, "--model.lr", "1e30", "--trainer.gradient_clip_val", "null", "--model.warmup_steps", "1", steps=6)
+
+
+def test_wrong_config_key_exits_nonzero_naming_the_key(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        fit(tmp_path, "--model.lamda_align", "0.5")
+    assert err.value.code != 0
+    assert "lamda_align" in capsys.readouterr().err
