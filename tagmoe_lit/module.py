@@ -26,6 +26,7 @@ from tagmoe_lit.align import MLPHead, SumTagEmbedder, alignment_baselines, align
 from tagmoe_lit.backbone import FrozenTextEncoder, PixelCodec, QwenImageBackbone
 from tagmoe_lit.flow import LogitNormalSampler, flow_loss, interpolate
 from tagmoe_lit.moe import RoutingStats, load_balancing_loss
+from tagmoe_lit.sampling import EulerSampler
 from tagmoe_lit.tags import TagSchema
 
 BackboneFactory = Callable[[int, int, int, int], nn.Module]  # (token_channels, patch, out_channels, text_dim)
@@ -55,6 +56,7 @@ class TagMoEModule(L.LightningModule):
         tag_embedder: TagEmbedderFactory | None = SumTagEmbedder,
         head: HeadFactory = MLPHead,
         timesteps: Callable[[int, torch.Generator], torch.Tensor] | None = None,
+        sampler: EulerSampler | None = None,
         lambda_lb: float = 0.01,
         lambda_align: float = 1.0,
         text_dropout: float = 0.1,
@@ -76,6 +78,7 @@ class TagMoEModule(L.LightningModule):
             tag_embedder: factory (num_tags) → s-embedder; null disables the alignment branch.
             head: factory (num_experts, tag_dim) → prediction head H.
             timesteps: σ sampler called as (n, generator) (default: logit-normal(0, 1)).
+            sampler: image sampler used by `predict` (default: 30 Euler steps, CFG 4).
             lambda_lb: weight of the load-balancing loss (official: 0.01).
             lambda_align: weight of the alignment loss (paper: unpublished; default 1.0).
             text_dropout: probability of training a sample with the empty instruction (for CFG).
@@ -94,6 +97,7 @@ class TagMoEModule(L.LightningModule):
         self.text_encoder = text_encoder if text_encoder is not None else FrozenTextEncoder()
         self.codec = codec if codec is not None else PixelCodec()
         self.timesteps = timesteps if timesteps is not None else LogitNormalSampler()
+        self.sampler = sampler if sampler is not None else EulerSampler()
         self.lambda_lb, self.lambda_align = lambda_lb, lambda_align
         self.text_dropout, self.reference_dropout = text_dropout, reference_dropout
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
@@ -248,6 +252,15 @@ class TagMoEModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Generate the batch's targets from instruction + reference; seeded by the samples' indices."""
+        no_drop = torch.zeros(len(batch["instruction"]), dtype=torch.bool)
+        instructions, reference = self._conditioning(batch, no_drop, no_drop)
+        grid = self.grid(batch["target"])
+        gen = torch.Generator().manual_seed(step_seed(self.seed, int(batch["index"][0])))
+        tokens = self.sampler(self.velocity, instructions, reference, grid, self.codec.token_channels, gen)
+        return {"images": self.codec.decode(tokens, *grid).clamp(0, 1), "index": batch["index"], "task": batch["task"]}
 
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

@@ -100,3 +100,30 @@ def test_wrong_config_key_exits_nonzero_naming_the_key(tmp_path, capsys):
         fit(tmp_path, "--model.lamda_align", "0.5")
     assert err.value.code != 0
     assert "lamda_align" in capsys.readouterr().err
+
+
+def test_help_and_print_config_show_the_swappable_components(capsys):
+    with pytest.raises(SystemExit) as err:
+        TagMoECLI(args=["fit", "--help"])
+    assert err.value.code == 0
+    out = capsys.readouterr().out
+    for key in ("--model.backbone", "--model.tag_embedder", "--model.head", "--model.text_encoder", "--model.codec", "--data.schema"):
+        assert key in out, key
+    with pytest.raises(SystemExit) as err:
+        TagMoECLI(args=["fit", "--config", str(BASE), "--print_config"])
+    assert err.value.code == 0
+    printed = capsys.readouterr().out
+    assert "tagmoe_lit.moe.MoELayer" in printed and "tagmoe_lit.moe.LinearRouter" in printed
+
+
+def test_predict_generates_images_reproducibly(tmp_path):
+    done = fit(tmp_path, "--trainer.limit_val_batches", "0", steps=1)
+    ckpt = done.trainer.checkpoint_callback.last_model_path
+    args = ["predict", "--config", str(BASE), *smoke_args(tmp_path), "--ckpt_path", ckpt,
+            "--data.test_samples", "3", "--trainer.limit_predict_batches", "1",
+            "--model.sampler.steps", "2", "--model.sampler.guidance", "2.0"]
+    first = TagMoECLI(args=args).trainer.predict_loop.predictions
+    second = TagMoECLI(args=args).trainer.predict_loop.predictions
+    images = first[0]["images"]
+    assert images.shape == (3, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    assert torch.equal(images, second[0]["images"])
