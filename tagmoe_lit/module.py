@@ -188,8 +188,8 @@ class TagMoEModule(L.LightningModule):
         B = x.shape[0]
         gen = self._step_generator(batch_idx)
         sigma = self.timesteps(B, gen)
-        T, P = self.grid(x)[0] * self.grid(x)[1], self.codec.token_channels
-        noise = torch.randn(B, T, P, generator=gen).to(x)
+        h, w = self.grid(x)
+        noise = torch.randn(B, h * w, self.codec.token_channels, generator=gen).to(x)
         drop_text = torch.rand(B, generator=gen) < self.text_dropout
         drop_ref = torch.rand(B, generator=gen) < self.reference_dropout
         terms = self.loss_terms(batch, sigma.to(x.device), noise, drop_text, drop_ref)
