@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from functools import partial
 from typing import Any, Callable
 
 import lightning as L
@@ -25,7 +26,8 @@ from torch import nn
 from tagmoe_lit.align import MLPHead, SumTagEmbedder, alignment_baselines, alignment_loss, routing_signature
 from tagmoe_lit.backbone import FrozenTextEncoder, PixelCodec, QwenImageBackbone
 from tagmoe_lit.flow import LogitNormalSampler, flow_loss, interpolate
-from tagmoe_lit.moe import RoutingStats, load_balancing_loss
+from tagmoe_lit.moe import RoutingStats, load_balancing_loss, router_z_loss
+from tagmoe_lit.moe.losses import global_counts
 from tagmoe_lit.sampling import EulerSampler
 from tagmoe_lit.tags import TagSchema
 
@@ -59,6 +61,7 @@ class TagMoEModule(L.LightningModule):
         sampler: EulerSampler | None = None,
         lambda_lb: float = 0.01,
         lambda_align: float = 1.0,
+        lambda_z: float = 0.0,
         text_dropout: float = 0.1,
         reference_dropout: float = 0.05,
         lr: float = 1e-3,
@@ -81,6 +84,7 @@ class TagMoEModule(L.LightningModule):
             sampler: image sampler used by `predict` (default: 30 Euler steps, CFG 4).
             lambda_lb: weight of the load-balancing loss (official: 0.01).
             lambda_align: weight of the alignment loss (paper: unpublished; default 1.0).
+            lambda_z: weight of the router z-loss (ST-MoE uses 1e-3; logged even at 0).
             text_dropout: probability of training a sample with the empty instruction (for CFG).
             reference_dropout: probability of training an edit with a blank reference frame.
             lr: peak AdamW learning rate.
@@ -98,7 +102,7 @@ class TagMoEModule(L.LightningModule):
         self.codec = codec if codec is not None else PixelCodec()
         self.timesteps = timesteps if timesteps is not None else LogitNormalSampler()
         self.sampler = sampler if sampler is not None else EulerSampler()
-        self.lambda_lb, self.lambda_align = lambda_lb, lambda_align
+        self.lambda_lb, self.lambda_align, self.lambda_z = lambda_lb, lambda_align, lambda_z
         self.text_dropout, self.reference_dropout = text_dropout, reference_dropout
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.cosine_decay, self.min_lr_ratio = warmup_steps, cosine_decay, min_lr_ratio
@@ -139,11 +143,27 @@ class TagMoEModule(L.LightningModule):
         return H // d, W // d
 
     def velocity(
-        self, noisy: torch.Tensor, reference: torch.Tensor, grid: tuple[int, int], instructions: list[str], sigma: torch.Tensor
+        self,
+        noisy: torch.Tensor,
+        reference: torch.Tensor,
+        grid: tuple[int, int],
+        instructions: list[str],
+        sigma: torch.Tensor,
+        tag_embedding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RoutingStats | None]:
-        """Backbone call with text encoding: the one forward both training and sampling use."""
+        """Backbone call with text encoding: the one forward training and sampling share.
+
+        `tag_embedding` (s, [B, D]) reaches only routers that declare `needs_context` (the
+        tag-conditioned oracle); TAG-MoE's own routers never see tags.
+        """
+        for layer in getattr(self.backbone, "moe_layers", []):
+            layer.context = tag_embedding
         text, text_mask = self.text_encoder(instructions, device=noisy.device)
         return self.backbone(noisy, reference, grid, text.to(noisy.dtype), text_mask, sigma.to(noisy.device))
+
+    def tag_embedding(self, batch: dict) -> torch.Tensor | None:
+        """s = Σ tag embeddings of each sample, or None without a tag embedder."""
+        return self.tag_embedder(batch["tags"]) if self.tag_embedder is not None else None
 
     def _conditioning(self, batch: dict, drop_text: torch.Tensor, drop_ref: torch.Tensor) -> tuple[list[str], torch.Tensor]:
         """Instructions and reference tokens, blanked where dropped (blank frame = zero tokens)."""
@@ -161,15 +181,17 @@ class TagMoEModule(L.LightningModule):
             )
         x0 = self.codec.encode(batch["target"])
         instructions, reference = self._conditioning(batch, drop_text, drop_ref)
-        pred, stats = self.velocity(interpolate(x0, noise, sigma), reference, self.grid(batch["target"]), instructions, sigma)
+        s = self.tag_embedding(batch)
+        pred, stats = self.velocity(interpolate(x0, noise, sigma), reference, self.grid(batch["target"]), instructions, sigma, s)
         per_sample = flow_loss(pred, x0, noise)
         terms = {"flow": per_sample.mean(), "flow_per_sample": per_sample.detach()}
         loss = terms["flow"]
         if stats is not None:
             terms["lb"] = load_balancing_loss(stats)
-            loss = loss + self.lambda_lb * terms["lb"]
-            if self.tag_embedder is not None:
-                g, s = routing_signature(stats), self.tag_embedder(batch["tags"])
+            terms["z"] = router_z_loss(stats)
+            loss = loss + self.lambda_lb * terms["lb"] + self.lambda_z * terms["z"]
+            if s is not None:
+                g = routing_signature(stats)
                 terms["align"] = alignment_loss(self.head(g), s).mean()
                 terms.update(alignment_baselines(self.head, g.detach(), s.detach()))
                 loss = loss + self.lambda_align * terms["align"]
@@ -259,8 +281,21 @@ class TagMoEModule(L.LightningModule):
         instructions, reference = self._conditioning(batch, no_drop, no_drop)
         grid = self.grid(batch["target"])
         gen = torch.Generator().manual_seed(step_seed(self.seed, int(batch["index"][0])))
-        tokens = self.sampler(self.velocity, instructions, reference, grid, self.codec.token_channels, gen)
+        s = self.tag_embedding(batch)
+        velocity = partial(self.velocity, tag_embedding=s)
+        tokens = self.sampler(velocity, instructions, reference, grid, self.codec.token_channels, gen)
         return {"images": self.codec.decode(tokens, *grid).clamp(0, 1), "index": batch["index"], "task": batch["task"]}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Once per optimizer step: global expert counts of the step feed routers' bias updates."""
+        layers = getattr(self.backbone, "moe_layers", [])
+        if not layers:
+            return
+        counts_LE = global_counts(torch.stack([layer.pending_counts_E for layer in layers]))
+        for layer, counts_E in zip(layers, counts_LE):
+            if hasattr(layer.router, "update_bias"):
+                layer.router.update_bias(counts_E)
+            layer.pending_counts_E.zero_()
 
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

@@ -82,6 +82,22 @@ def test_resume_is_bit_exact(tmp_path):
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
 
 
+def test_aux_free_bias_moves_each_step_and_survives_resume(tmp_path):
+    router = ["--model.backbone.init_args.moe.init_args.router", "tagmoe_lit.moe.AuxFreeBiasRouter",
+              "--model.backbone.init_args.moe.init_args.router.init_args.update_rate", "0.01",
+              "--trainer.limit_val_batches", "0"]
+    straight = fit(tmp_path / "a", *router, steps=4)
+    half = fit(tmp_path / "b", *router, "--trainer.callbacks+=test_fit.StopAt", "--trainer.callbacks.step", "2", steps=4)
+    resumed = fit(tmp_path / "b", *router, "--ckpt_path", half.trainer.checkpoint_callback.last_model_path, steps=4)
+    a = _weights(Path(straight.trainer.checkpoint_callback.last_model_path))
+    b = _weights(Path(resumed.trainer.checkpoint_callback.last_model_path))
+    biases = [k for k in a if k.endswith("router.expert_bias")]
+    assert len(biases) == 2
+    for k in biases:
+        assert a[k].abs().sum() > 0 and torch.equal(a[k], b[k]), k
+    assert _weights(Path(half.trainer.checkpoint_callback.last_model_path))[biases[0]].abs().max() <= 2 * 0.01 + 1e-6
+
+
 def test_checkpoint_from_another_expert_count_is_refused_clearly(tmp_path):
     done = fit(tmp_path, "--trainer.limit_val_batches", "0", steps=1)
     ckpt = done.trainer.checkpoint_callback.last_model_path

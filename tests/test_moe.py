@@ -1,18 +1,39 @@
 """MoE layer against the per-expert loop oracle; dropless, idle-expert, balance and upcycling facts."""
 
+import math
+from functools import partial
+
 import pytest
 import torch
 from diffusers.models.attention import FeedForward
 
-from tagmoe_lit.moe import LinearRouter, MLPRouter, MoELayer, load_balancing_loss, upcycle_
+from tagmoe_lit.moe import (
+    AuxFreeBiasRouter,
+    LinearRouter,
+    MLPRouter,
+    MoELayer,
+    NoisyTopKRouter,
+    StackedExperts,
+    TagConditionedRouter,
+    load_balancing_loss,
+    router_z_loss,
+    upcycle_,
+)
+from tagmoe_lit.moe.counting import parameter_counts
 from tagmoe_lit.moe.stats import RoutingStats
+from tagmoe_lit.moe.upcycle import downcycle_
+
+ROUTERS = [LinearRouter, MLPRouter, NoisyTopKRouter, AuxFreeBiasRouter]
 
 
-def _pair(top_k: int, router=LinearRouter, seed: int = 0) -> tuple[MoELayer, MoELayer]:
+def _pair(top_k: int, router=LinearRouter, dispatch: str = "sorted", seed: int = 0) -> tuple[MoELayer, MoELayer]:
     torch.manual_seed(seed)
-    fast = MoELayer(16, 32, num_experts=4, top_k=top_k, router=router, dispatch="sorted")
+    fast = MoELayer(16, 32, num_experts=4, top_k=top_k, router=router, dispatch=dispatch)
     oracle = MoELayer(16, 32, num_experts=4, top_k=top_k, router=router, dispatch="loop")
     oracle.load_state_dict(fast.state_dict())
+    if isinstance(fast.router, AuxFreeBiasRouter):  # a non-zero bias changes choices: test it too
+        for layer in (fast, oracle):
+            layer.router.expert_bias.copy_(torch.tensor([0.05, -0.05, 0.02, -0.02]))
     return fast, oracle
 
 
@@ -23,14 +44,16 @@ def _skew_(layer: MoELayer) -> None:
         layer.router.gate.weight[:, 0] = torch.tensor([0.0, -10.0, -10.0, -10.0])
 
 
+@pytest.mark.parametrize("dispatch", ["sorted", "grouped"])
 @pytest.mark.parametrize("top_k", [1, 2])
-@pytest.mark.parametrize("router", [LinearRouter, MLPRouter], ids=["linear", "mlp"])
-def test_sorted_dispatch_equals_loop_oracle_in_outputs_and_gradients(top_k, router):
-    fast, oracle = _pair(top_k, router)
+@pytest.mark.parametrize("router", ROUTERS, ids=[r.__name__ for r in ROUTERS])
+def test_dispatch_backends_equal_loop_oracle_in_outputs_and_gradients(top_k, router, dispatch):
+    fast, oracle = _pair(top_k, router, dispatch)
     x = torch.randn(3, 20, 16)
     outs, grads = [], []
     for layer in (fast, oracle):
         xi = x.clone().requires_grad_(True)
+        torch.manual_seed(1)  # the noisy router draws the same noise in both layers
         y = layer(xi)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
         outs.append(y)
@@ -38,8 +61,15 @@ def test_sorted_dispatch_equals_loop_oracle_in_outputs_and_gradients(top_k, rout
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    router_grads = [p.grad for p in fast.router.parameters()]
+    router_grads = [p.grad for n, p in fast.router.named_parameters() if n != "noise.weight" or fast.training]
     assert all(g is not None and g.abs().sum() > 0 for g in router_grads), "the task loss must reach the router"
+
+
+def test_grouped_backend_in_bf16_matches_the_loop():
+    fast, oracle = _pair(1, dispatch="grouped")
+    fast, oracle = fast.bfloat16(), oracle.bfloat16()
+    x = torch.randn(2, 32, 16).bfloat16()
+    torch.testing.assert_close(fast(x).float(), oracle(x).float(), rtol=2e-2, atol=2e-2)
 
 
 def test_no_token_dropped_under_skewed_router_and_idle_experts_get_gradients():
@@ -71,8 +101,8 @@ def test_top1_keeps_raw_probability_scaling_and_upcycled_experts_equal_dense_ffn
 def test_router_runs_in_fp32_under_bf16_autocast():
     layer = MoELayer(16, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        probs, scores, _ = layer.route(torch.randn(10, 16).bfloat16())
-    assert probs.dtype == scores.dtype == torch.float32
+        logits, probs, scores, _ = layer.route(torch.randn(10, 16).bfloat16())
+    assert logits.dtype == probs.dtype == scores.dtype == torch.float32
 
 
 def test_token_mask_limits_statistics_to_counted_tokens():
@@ -88,7 +118,7 @@ def test_token_mask_limits_statistics_to_counted_tokens():
 
 
 def test_load_balancing_loss_is_one_for_uniform_router_and_grows_with_imbalance():
-    layer = MoELayer(16, 32)
+    layer = MoELayer(16, 32).eval()  # eval: each forward's own counts (training sums the step's micro-batches)
     torch.nn.init.zeros_(layer.router.gate.weight)
     layer(torch.randn(2, 10, 16))
     assert load_balancing_loss(RoutingStats([layer.last])).item() == pytest.approx(1.0)
@@ -106,7 +136,141 @@ def test_round_robin_debug_routing_balances_exactly():
 
 
 def test_bad_arguments_are_rejected_with_clear_messages():
-    with pytest.raises(ValueError, match="top_k=5 must be between 1 and num_experts=4"):
-        MoELayer(16, 32, num_experts=4, top_k=5)
-    with pytest.raises(ValueError, match="dispatch='fast' is unknown"):
-        MoELayer(16, 32, dispatch="fast")
+    with pytest.raises(ValueError, match="top_k=5 must be between 1 and num_experts=4; dispatch='fast' is unknown"):
+        MoELayer(16, 32, num_experts=4, top_k=5, dispatch="fast")
+
+
+def _skewed_tokens(n: int = 512) -> torch.Tensor:
+    """Tokens whose features favour expert e with shares 70/10/10/10 under an identity gate."""
+    e = torch.multinomial(torch.tensor([0.7, 0.1, 0.1, 0.1]), n, replacement=True)
+    x = torch.zeros(n, 16)
+    x[:, :4] = torch.randn(n, 4)
+    x[torch.arange(n), e] += 2.0
+    return x[None]
+
+
+def _load_cv(counts: torch.Tensor) -> float:
+    load = counts / counts.sum()
+    return (load.std(unbiased=False) / load.mean()).item()
+
+
+def test_aux_free_bias_halves_load_imbalance_within_50_updates_and_survives_state_dict():
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, router=partial(AuxFreeBiasRouter, update_rate=0.01))
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.gate.weight[:, :4] = torch.eye(4)
+    cvs = []
+    for _ in range(50):
+        layer(_skewed_tokens())
+        cvs.append(_load_cv(layer.pending_counts_E))
+        layer.router.update_bias(layer.pending_counts_E)
+        layer.pending_counts_E.zero_()
+    assert cvs[-1] <= 0.5 * cvs[0], f"load CV {cvs[0]:.3f} → {cvs[-1]:.3f}"
+    bias = layer.router.expert_bias.clone()
+    assert bias[0] < 0 and abs(bias.sum()) < 1e-6
+    restored = MoELayer(16, 32, router=AuxFreeBiasRouter)
+    restored.load_state_dict(layer.state_dict())
+    assert torch.equal(restored.router.expert_bias, bias)
+
+
+def test_aux_free_bias_changes_choices_but_weights_stay_raw_probabilities():
+    layer = MoELayer(16, 32, router=AuxFreeBiasRouter)
+    torch.nn.init.zeros_(layer.router.gate.weight)
+    layer.router.expert_bias.copy_(torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    _, probs, scores, idx = layer.route(torch.randn(5, 16))
+    assert (idx == 2).all() and torch.allclose(scores, torch.full_like(scores, 0.25))
+
+
+def test_noisy_router_is_noisy_only_in_training():
+    layer = MoELayer(16, 32, router=NoisyTopKRouter)
+    x = torch.randn(1, 64, 16)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+
+
+def test_tag_conditioned_router_uses_tags_and_says_so_when_they_are_missing():
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, router=partial(TagConditionedRouter, tag_dim=8))
+    x = torch.randn(2, 5, 16)
+    with pytest.raises(ValueError, match="needs each sample's tags at inference"):
+        layer(x)
+    layer.context = torch.randn(2, 8) * 100  # a strong tag signal decides the expert per sample
+    layer(x)
+    top1 = layer.last.top1_counts_BE
+    assert (top1.max(1).values == 5).all(), "every token of a sample follows its tags"
+    layer.context = torch.randn(2, 3)
+    with pytest.raises(ValueError, match=r"tag_dim=8\) got tag embeddings of size 3"):
+        layer(x)
+
+
+class HalfRouter(torch.nn.Module):
+    """A user's router, defined outside the kit: logits from the first half of the features."""
+
+    def __init__(self, dim: int, num_experts: int, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+        self.proj = torch.nn.Linear(dim // 2, num_experts)
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.proj(x_ND[:, : x_ND.shape[1] // 2])
+
+
+def test_a_user_router_works_by_class_path_alone(tmp_path):
+    from test_configs import BASE, smoke_args
+
+    from tagmoe_lit.cli import TagMoECLI
+
+    cli = TagMoECLI(args=["fit", "--config", str(BASE), *smoke_args(tmp_path),
+                          "--model.backbone.init_args.moe.init_args.router", "test_moe.HalfRouter",
+                          "--model.backbone.init_args.moe.init_args.router.init_args.scale", "2.0"])
+    routers = [layer.router for layer in cli.model.backbone.moe_layers]
+    assert all(type(r).__name__ == "HalfRouter" and r.scale == 2.0 for r in routers)
+    assert cli.trainer.global_step == 2
+
+
+def test_z_loss_of_a_zero_router_is_log_e_squared():
+    layer = MoELayer(16, 32)
+    torch.nn.init.zeros_(layer.router.gate.weight)
+    layer(torch.randn(2, 6, 16))
+    assert router_z_loss(RoutingStats([layer.last])).item() == pytest.approx(math.log(4) ** 2)
+
+
+def test_balance_counts_accumulate_over_micro_batches_in_training_only():
+    layer = MoELayer(16, 32)
+    x = torch.randn(2, 6, 16)
+    layer(x)
+    layer(x)
+    assert layer.last.step_counts_E.sum() == 24 and layer.last.counts_E.sum() == 12
+    layer.eval()
+    layer(x)
+    assert layer.pending_counts_E.sum() == 24 and layer.last.step_counts_E.sum() == 12
+
+
+def test_partial_reinit_and_downcycling():
+    torch.manual_seed(0)
+    ffn = FeedForward(dim=16, dim_out=16, activation_fn="gelu-approximate")
+    experts = StackedExperts(4, 16, 64)
+    upcycle_(experts, ffn, reinit_fraction=0.25, generator=torch.Generator().manual_seed(0))
+    changed = (experts.w1_EDH != ffn.net[0].proj.weight.T).any(1)  # [E, H]: re-drawn hidden units
+    assert changed.sum(1).tolist() == [16, 16, 16, 16] and not torch.equal(changed[0], changed[1])
+    upcycle_(experts, ffn)
+    dense = FeedForward(dim=16, dim_out=16, activation_fn="gelu-approximate")
+    downcycle_(dense, experts)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(dense(x), ffn(x))
+    with pytest.raises(ValueError, match=r"reinit_fraction=1.5 must be within \[0, 1\]"):
+        upcycle_(experts, ffn, reinit_fraction=1.5)
+
+
+def test_parameter_counts_total_and_active():
+    layer = MoELayer(16, 64, num_experts=4, top_k=1)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), layer)
+    counts = parameter_counts(model)
+    experts = 4 * (16 * 64 + 64 + 64 * 16 + 16)
+    router = 16 * 4
+    assert counts["layers"] == [{"name": "1", "total": experts + router, "active": experts // 4 + router}]
+    assert counts["total"] == 16 * 16 + 16 + experts + router
+    assert counts["active"] == counts["total"] - (experts - experts // 4)

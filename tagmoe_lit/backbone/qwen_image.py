@@ -41,9 +41,28 @@ class QwenImageBackbone(nn.Module):
         moe: MoEFactory | None = None,
         moe_blocks: int = 2,
         upcycle_noise: float = 0.0,
+        upcycle_reinit: float = 0.0,
         gradient_checkpointing: bool = False,
         seed: int = 0,
     ):
+        """
+        Args:
+            token_channels: channels of one image token (given by the codec).
+            patch: pixel/latent patch side per token (given by the codec).
+            out_channels: channels per patch position of the prediction (given by the codec).
+            text_dim: width of the text encoder's features (given by the text encoder).
+            num_layers: dual-stream blocks (Qwen-Image: 60).
+            num_attention_heads: attention heads (Qwen-Image: 24); width = heads × head dim.
+            attention_head_dim: size of one head (Qwen-Image: 128).
+            axes_dims_rope: RoPE dims for (frame, height, width); must sum to attention_head_dim.
+            zero_cond_t: modulate reference tokens with t = 0 (Qwen-Image-Edit-2511).
+            moe: MoE layer factory (dim, hidden) → layer; null keeps the dense FFNs.
+            moe_blocks: how many of the last blocks get an MoE image FFN (TAG-MoE: 10 of 60).
+            upcycle_noise: relative noise added to the experts copied from the dense FFN.
+            upcycle_reinit: share of each expert's hidden units re-initialised after copying.
+            gradient_checkpointing: recompute block activations in backward to save memory.
+            seed: seeds upcycling noise / re-init draws.
+        """
         super().__init__()
         if sum(axes_dims_rope) != attention_head_dim:
             raise ValueError(
@@ -63,7 +82,9 @@ class QwenImageBackbone(nn.Module):
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.moe_layers = (
-            install_moe(self.transformer.transformer_blocks, moe_blocks, moe, upcycle_noise, seed) if moe else []
+            install_moe(self.transformer.transformer_blocks, moe_blocks, moe, upcycle_noise, upcycle_reinit, seed)
+            if moe
+            else []
         )
 
     @property

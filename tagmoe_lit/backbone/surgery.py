@@ -19,7 +19,12 @@ MoEFactory = Callable[[int, int], MoELayer]
 
 
 def install_moe(
-    blocks: nn.ModuleList, num_blocks: int, make_moe: MoEFactory, upcycle_noise: float = 0.0, seed: int = 0
+    blocks: nn.ModuleList,
+    num_blocks: int,
+    make_moe: MoEFactory,
+    upcycle_noise: float = 0.0,
+    upcycle_reinit: float = 0.0,
+    seed: int = 0,
 ) -> list[MoELayer]:
     """Replace `img_mlp` in the last `num_blocks` blocks; return the new layers in block order."""
     if not 0 < num_blocks <= len(blocks):
@@ -31,7 +36,7 @@ def install_moe(
         dim, hidden = ffn.net[0].proj.in_features, ffn.net[0].proj.out_features
         moe = make_moe(dim, hidden).to(ffn.net[0].proj.weight.device)
         if ffn.net[0].proj.weight.device.type != "meta":
-            upcycle_(moe.experts, ffn, noise_std=upcycle_noise, generator=generator)
+            upcycle_(moe.experts, ffn, upcycle_noise, upcycle_reinit, generator)
         block.img_mlp = moe
         layers.append(moe)
     return layers

@@ -2,12 +2,15 @@
 
 from tagmoe_lit.moe.experts import StackedExperts
 from tagmoe_lit.moe.layer import MoELayer
-from tagmoe_lit.moe.losses import load_balancing_loss
-from tagmoe_lit.moe.routers import LinearRouter, MLPRouter
+from tagmoe_lit.moe.losses import load_balancing_loss, router_z_loss
+from tagmoe_lit.moe.routers import AuxFreeBiasRouter, LinearRouter, MLPRouter, NoisyTopKRouter, TagConditionedRouter
 from tagmoe_lit.moe.stats import LayerRouting, RoutingStats
 from tagmoe_lit.moe.upcycle import upcycle_
 
 __all__ = [
+    "AuxFreeBiasRouter",
+    "NoisyTopKRouter",
+    "TagConditionedRouter",
     "LayerRouting",
     "LinearRouter",
     "MLPRouter",
@@ -15,5 +18,6 @@ __all__ = [
     "RoutingStats",
     "StackedExperts",
     "load_balancing_loss",
+    "router_z_loss",
     "upcycle_",
 ]

@@ -1,12 +1,14 @@
 """The TAG-MoE layer: a dropless top-k mixture of GELU MLPs replacing an image-stream FFN.
 
 Legend: B samples, T tokens per sample, N = B·T tokens, K top-k, M = N·K assignments,
-D model dim, E experts.
+D model dim, C router context dim, E experts.
 
 Stages of `MoELayer.forward`:
-  1. route    — router logits in fp32 (autocast off), softmax over all E experts, top-k choice.
+  1. route    — router logits in fp32 (autocast off), softmax over all E experts, top-k choice
+                (on probabilities plus the router's selection bias, if it has one; the weights
+                always come from the raw probabilities).
   2. sort     — stable argsort of the M assignments by expert id; per-expert counts.
-  3. experts  — each expert runs on its contiguous slice (`StackedExperts`); no capacity, no drops.
+  3. experts  — every expert on its contiguous slice (`StackedExperts`); no capacity, no drops.
   4. combine  — scale by the router probability in fp32, `index_copy` back to token order into a
                 preallocated buffer (deterministic, DESIGN.md pitfall 6), sum over the K choices.
   5. publish  — a `LayerRouting` record over the masked tokens (see `stats.py`).
@@ -14,6 +16,10 @@ Stages of `MoELayer.forward`:
 Top-1 output is scaled by the *raw* top-1 probability, as the official release (MegaBlocks dMoE)
 does; renormalizing it to 1 would cut the router off from the task loss (DESIGN.md pitfall 3).
 For k > 1, `renormalize=True` makes the k weights sum to 1.
+
+Two per-forward inputs are set by the backbone / module as attributes before the forward:
+`token_mask` (bool [B, T]: the tokens that count for statistics) and `context` ([B, C] per-sample
+features for routers that declare `needs_context`, e.g. the tag-conditioned oracle).
 """
 
 from __future__ import annotations
@@ -32,11 +38,7 @@ RouterFactory = Callable[[int, int], nn.Module]
 
 
 class MoELayer(nn.Module):
-    """Drop-in replacement for a `[B, T, D] → [B, T, D]` FFN.
-
-    `token_mask` (bool [B, T], set by the backbone before its forward) selects the tokens that count
-    for routing statistics, the balance loss and the signature; every token is still routed.
-    """
+    """Drop-in replacement for a `[B, T, D] → [B, T, D]` FFN."""
 
     def __init__(
         self,
@@ -45,48 +47,86 @@ class MoELayer(nn.Module):
         num_experts: int = 4,
         top_k: int = 1,
         router: RouterFactory = LinearRouter,
-        dispatch: Dispatch = "sorted",
+        dispatch: Dispatch = "auto",
         expert_bias: bool = True,
         renormalize: bool = False,
         debug_round_robin: bool = False,
     ):
+        """
+        Args:
+            dim: token feature size D (given by the backbone).
+            hidden: expert hidden size H (given by the backbone: the replaced FFN's).
+            num_experts: number of experts E.
+            top_k: experts per token K.
+            router: router factory called as router(dim, num_experts).
+            dispatch: expert backend: auto (grouped on CUDA, else sorted), sorted, grouped or loop.
+            expert_bias: give experts biases (needed to upcycle a biased FFN exactly; the release has none).
+            renormalize: for top_k > 1, make the K weights sum to 1.
+            debug_round_robin: route token n to expert n mod E, ruling routing out while debugging.
+        """
         super().__init__()
+        problems = []
         if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}.")
-        if dispatch not in ("sorted", "loop"):
-            raise ValueError(f"dispatch='{dispatch}' is unknown; choose 'sorted' or 'loop'.")
+            problems.append(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
+        if dispatch not in ("auto", "sorted", "grouped", "loop"):
+            problems.append(f"dispatch='{dispatch}' is unknown; choose 'auto', 'sorted', 'grouped' or 'loop'")
+        if problems:
+            raise ValueError("MoELayer: " + "; ".join(problems) + ".")
         self.num_experts, self.top_k = num_experts, top_k
         self.dispatch, self.renormalize = dispatch, renormalize
-        self.debug_round_robin = debug_round_robin  # rules routing out while hunting a bug
+        self.debug_round_robin = debug_round_robin
         self.router = router(dim, num_experts)
         self.experts = StackedExperts(num_experts, dim, hidden, bias=expert_bias)
+        # assignments since the last optimizer step (all micro-batches); read and zeroed by the module
+        self.register_buffer("pending_counts_E", torch.zeros(num_experts), persistent=False)
         self.token_mask: torch.Tensor | None = None
+        self.context: torch.Tensor | None = None
         self.last: LayerRouting | None = None
 
+    def _apply(self, fn, recurse: bool = True):
+        """Casting the model (`.bfloat16()`, bf16-true precision) leaves the router in fp32."""
+        super()._apply(fn, recurse)
+        for t in (*self.router.parameters(), *self.router.buffers()):
+            if t.is_floating_point() and t.dtype != torch.float32:
+                t.data = t.data.float()
+        return self
+
     # -- 1. route ---------------------------------------------------------------------------
-    def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns probs_NE (fp32), scores_NK (fp32) and expert ids idx_NK."""
+    def route(self, x_ND: torch.Tensor, context_NC: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Returns logits_NE and probs_NE (fp32), scores_NK (fp32) and expert ids idx_NK."""
         with torch.autocast(device_type=x_ND.device.type, enabled=False):
-            logits_NE = self.router(x_ND.float()).float()
+            if getattr(self.router, "needs_context", False):
+                logits_NE = self.router(x_ND.float(), None if context_NC is None else context_NC.float()).float()
+            else:
+                logits_NE = self.router(x_ND.float()).float()
         probs_NE = logits_NE.softmax(dim=-1)
         if self.debug_round_robin:
             n = torch.arange(x_ND.shape[0], device=x_ND.device)
             idx_NK = (n[:, None] + torch.arange(self.top_k, device=x_ND.device)) % self.num_experts
-            scores_NK = probs_NE.gather(1, idx_NK)
         else:
-            scores_NK, idx_NK = probs_NE.topk(self.top_k, dim=-1)
+            select_NE = probs_NE
+            if hasattr(self.router, "selection_bias"):
+                select_NE = probs_NE + self.router.selection_bias().to(probs_NE)  # choice only, not weights
+            idx_NK = select_NE.topk(self.top_k, dim=-1).indices
+        scores_NK = probs_NE.gather(1, idx_NK)
         if self.renormalize and self.top_k > 1:
             scores_NK = scores_NK / scores_NK.sum(-1, keepdim=True)
-        return probs_NE, scores_NK, idx_NK
+        return logits_NE, probs_NE, scores_NK, idx_NK
 
     # -- 2-4. sort, experts, combine ----------------------------------------------------------
-    def _mix_sorted(self, x_ND: torch.Tensor, scores_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+    def _backend(self, x: torch.Tensor) -> str:
+        if self.dispatch == "auto":
+            return "grouped" if x.is_cuda else "sorted"
+        return self.dispatch
+
+    def _mix_sorted(self, x_ND: torch.Tensor, scores_NK: torch.Tensor, idx_NK: torch.Tensor, grouped: bool) -> torch.Tensor:
         N, D = x_ND.shape
         idx_M = idx_NK.reshape(-1)
         order_M = torch.argsort(idx_M, stable=True)  # assignment positions grouped by expert
-        counts_E = torch.bincount(idx_M, minlength=self.num_experts).tolist()
+        counts_E = torch.bincount(idx_M, minlength=self.num_experts)
         x_MD = x_ND[order_M // self.top_k]
-        y_MD = self.experts.forward_sorted(x_MD, counts_E)
+        run = self.experts.forward_grouped if grouped else self.experts.forward_sorted
+        y_MD = run(x_MD, counts_E)
         y_MD = (y_MD.float() * scores_NK.reshape(-1)[order_M, None]).to(x_ND.dtype)
         out_MD = y_MD.new_empty(N * self.top_k, D).index_copy(0, order_M, y_MD)
         return out_MD.view(N, self.top_k, D).sum(1)
@@ -101,7 +141,7 @@ class MoELayer(nn.Module):
         return out_ND
 
     # -- 5. publish ---------------------------------------------------------------------------
-    def _publish(self, probs_BTE: torch.Tensor, idx_BTK: torch.Tensor) -> None:
+    def _publish(self, logits_BTE: torch.Tensor, probs_BTE: torch.Tensor, idx_BTK: torch.Tensor) -> None:
         B, T, E = probs_BTE.shape
         mask_BT = self.token_mask if self.token_mask is not None else probs_BTE.new_ones(B, T, dtype=torch.bool)
         if mask_BT.shape != (B, T):
@@ -109,20 +149,30 @@ class MoELayer(nn.Module):
         w_BT = mask_BT.to(probs_BTE.dtype)
         n_B = w_BT.sum(1).clamp_min(1.0)
         signature_BE = (probs_BTE * w_BT[..., None]).sum(1) / n_B[:, None]
+        z_loss = (torch.logsumexp(logits_BTE, -1).pow(2) * w_BT).sum() / w_BT.sum().clamp_min(1.0)
         with torch.no_grad():
             onehot_BTKE = F.one_hot(idx_BTK, E).to(probs_BTE.dtype) * w_BT[..., None, None]
             top1_counts_BE = onehot_BTKE[:, :, 0].sum(1)
             counts_E = onehot_BTKE.sum((0, 1, 2))
+            if self.training:
+                self.pending_counts_E += counts_E
+            step_counts_E = self.pending_counts_E.clone() if self.training else counts_E
             ent_BT = -(probs_BTE * probs_BTE.clamp_min(1e-12).log()).sum(-1)
             entropy = (ent_BT * w_BT).sum() / w_BT.sum().clamp_min(1.0)
         probs_mean_E = (signature_BE * n_B[:, None]).sum(0) / n_B.sum()
-        self.last = LayerRouting(probs_mean_E, counts_E, signature_BE, top1_counts_BE, entropy)
+        self.last = LayerRouting(probs_mean_E, counts_E, step_counts_E, signature_BE, top1_counts_BE, entropy, z_loss)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
-        probs_NE, scores_NK, idx_NK = self.route(x_ND)
-        mix = self._mix_sorted if self.dispatch == "sorted" else self._mix_loop
-        out_ND = mix(x_ND, scores_NK, idx_NK)
-        self._publish(probs_NE.view(B, T, -1), idx_NK.view(B, T, -1))
+        context_NC = None
+        if self.context is not None and getattr(self.router, "needs_context", False):
+            context_NC = self.context.repeat_interleave(T, dim=0)  # (B, C) → (N, C)
+        logits_NE, probs_NE, scores_NK, idx_NK = self.route(x_ND, context_NC)
+        backend = self._backend(x_ND)
+        if backend == "loop":
+            out_ND = self._mix_loop(x_ND, scores_NK, idx_NK)
+        else:
+            out_ND = self._mix_sorted(x_ND, scores_NK, idx_NK, grouped=backend == "grouped")
+        self._publish(logits_NE.view(B, T, -1), probs_NE.view(B, T, -1), idx_NK.view(B, T, -1))
         return out_ND.view(B, T, D)

@@ -20,10 +20,12 @@ class LayerRouting:
     """One MoE layer, one forward."""
 
     probs_mean_E: torch.Tensor  # mean router probability per expert over counted tokens (grad) — P_e
-    counts_E: torch.Tensor  # top-k assignments per expert over counted tokens (no grad, float) — f_e·N·K
+    counts_E: torch.Tensor  # top-k assignments per expert over counted tokens, this forward (no grad)
+    step_counts_E: torch.Tensor  # the same summed over this optimizer step's micro-batches so far (no grad)
     signature_BE: torch.Tensor  # per-sample mean router probabilities over its counted tokens (grad)
     top1_counts_BE: torch.Tensor  # per-sample count of counted tokens whose top-1 expert is e (no grad)
     entropy: torch.Tensor  # mean per-token router entropy in nats (no grad)
+    z_loss: torch.Tensor  # mean squared log-sum-exp of the router logits over counted tokens (grad)
 
     @property
     def load_E(self) -> torch.Tensor:

@@ -1,8 +1,11 @@
-"""Sparse upcycling: initialise every expert from the dense FFN it replaces.
+"""Sparse upcycling (dense FFN → E experts) and its reverse (E experts → one FFN).
 
-Reads the diffusers `FeedForward` layout of Qwen-Image's `img_mlp`: `net[0].proj` (D → 4D, GELU tanh)
-and `net[2]` (4D → D). Copies are transposed into the stacked `[E, D, H]` / `[E, H, D]` layout;
-optional relative Gaussian noise breaks the symmetry between experts.
+Reads and writes the diffusers `FeedForward` layout of Qwen-Image's `img_mlp`: `net[0].proj`
+(D → 4D, GELU tanh) and `net[2]` (4D → D). Copies are transposed into the stacked `[E, D, H]` /
+`[E, H, D]` layout. Two ways to break the symmetry between experts: relative Gaussian noise on
+the copied matrices, and partial re-initialisation (a random `reinit_fraction` of each expert's
+hidden units drawn fresh, as in "Scaling Laws for Upcycling"). `downcycle_` averages the experts
+back into one FFN for ablations.
 """
 
 from __future__ import annotations
@@ -13,20 +16,57 @@ from torch import nn
 from tagmoe_lit.moe.experts import StackedExperts
 
 
-@torch.no_grad()
-def upcycle_(experts: StackedExperts, ffn: nn.Module, noise_std: float = 0.0, generator: torch.Generator | None = None) -> None:
-    """Copy a dense FFN into each expert in place; `noise_std` is relative to each matrix's std."""
+def _pairs(experts: StackedExperts, ffn: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(stacked expert tensor, matching dense tensor in stacked orientation) pairs."""
     fc1, fc2 = ffn.net[0].proj, ffn.net[2]
     if (fc1.in_features, fc1.out_features) != (experts.dim, experts.hidden):
         raise ValueError(
-            f"Cannot upcycle an FFN of shape {fc1.in_features}→{fc1.out_features} into experts of "
+            f"FFN of shape {fc1.in_features}→{fc1.out_features} does not match experts of "
             f"shape {experts.dim}→{experts.hidden}."
         )
     pairs = [(experts.w1_EDH, fc1.weight.T), (experts.w2_EHD, fc2.weight.T)]
     if experts.b1_EH is not None:
         pairs += [(experts.b1_EH, fc1.bias), (experts.b2_ED, fc2.bias)]
-    for stacked, dense in pairs:
+    return pairs
+
+
+@torch.no_grad()
+def upcycle_(
+    experts: StackedExperts,
+    ffn: nn.Module,
+    noise_std: float = 0.0,
+    reinit_fraction: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> None:
+    """Copy a dense FFN into each expert in place.
+
+    Args:
+        noise_std: Gaussian noise added to each copied matrix, relative to that matrix's std.
+        reinit_fraction: share of each expert's hidden units re-initialised (fresh nn.Linear init).
+        generator: CPU generator for noise and re-init (the same draws on any device).
+    """
+    if not 0.0 <= reinit_fraction <= 1.0:
+        raise ValueError(f"reinit_fraction={reinit_fraction} must be within [0, 1].")
+    for stacked, dense in _pairs(experts, ffn):
         stacked.copy_(dense.to(stacked.dtype).expand_as(stacked))
         if noise_std > 0 and dense.dim() == 2:
-            noise = torch.randn(stacked.shape, generator=generator).to(stacked)  # CPU draw: same on any device
+            noise = torch.randn(stacked.shape, generator=generator).to(stacked)
             stacked.add_(noise * noise_std * dense.std())
+    n_new = round(reinit_fraction * experts.hidden)
+    if n_new == 0:
+        return
+    fresh = StackedExperts(experts.num_experts, experts.dim, experts.hidden, bias=experts.b1_EH is not None)
+    for e in range(experts.num_experts):
+        units = torch.randperm(experts.hidden, generator=generator)[:n_new]
+        fresh.reset_parameters()
+        experts.w1_EDH[e][:, units] = fresh.w1_EDH[e][:, units].to(experts.w1_EDH)
+        experts.w2_EHD[e][units] = fresh.w2_EHD[e][units].to(experts.w2_EHD)
+        if experts.b1_EH is not None:
+            experts.b1_EH[e][units] = fresh.b1_EH[e][units].to(experts.b1_EH)
+
+
+@torch.no_grad()
+def downcycle_(ffn: nn.Module, experts: StackedExperts) -> None:
+    """Write the mean of the experts into a dense FFN in place (the reverse of upcycling)."""
+    for stacked, dense in _pairs(experts, ffn):
+        dense.copy_(stacked.mean(0).to(dense.dtype))
