@@ -50,19 +50,35 @@ class StackedExperts(nn.Module):
                 bound = 1.0 / math.sqrt(fan_in)
                 nn.init.uniform_(b, -bound, bound)
 
+    def _per_expert(self) -> list[tuple[torch.Tensor, ...]]:
+        """(w1, b1, w2, b2) views of every expert. `unbind` once: indexing `w[e]` per expert would
+        make autograd build a zero-filled full-size [E, …] gradient for every slice."""
+        none = [None] * self.num_experts
+        b1 = self.b1_EH.unbind(0) if self.b1_EH is not None else none
+        b2 = self.b2_ED.unbind(0) if self.b2_ED is not None else none
+        return list(zip(self.w1_EDH.unbind(0), b1, self.w2_EHD.unbind(0), b2))
+
+    @staticmethod
+    def _mlp(x_MD: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
+        """GELU(tanh) MLP on one expert's tokens (M may be 0: the weights still join the graph)."""
+        h_MH = torch.addmm(b1, x_MD, w1) if b1 is not None else x_MD @ w1
+        h_MH = F.gelu(h_MH, approximate="tanh")
+        return torch.addmm(b2, h_MH, w2) if b2 is not None else h_MH @ w2
+
     def expert(self, e: int, x_MD: torch.Tensor) -> torch.Tensor:
-        """Run expert `e` on its tokens (M may be 0: the slice still joins the autograd graph)."""
-        h_MH = x_MD @ self.w1_EDH[e]
-        if self.b1_EH is not None:
-            h_MH = h_MH + self.b1_EH[e]
-        y_MD = F.gelu(h_MH, approximate="tanh") @ self.w2_EHD[e]
-        if self.b2_ED is not None:
-            y_MD = y_MD + self.b2_ED[e]
-        return y_MD
+        """Run expert `e` alone (the loop oracle's path)."""
+        return self._mlp(x_MD, *self._per_expert()[e])
 
     def forward_sorted(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Tokens already sorted by expert: split into E contiguous groups, one matmul pair each."""
-        return torch.cat([self.expert(e, x) for e, x in enumerate(x_MD.split(counts_E.tolist()))])
+        """Tokens already sorted by expert: one matmul pair per contiguous expert slice.
+
+        A hand-written autograd function writes every slice's output and every expert's weight
+        gradient straight into preallocated buffers: autograd's own graph would `cat` the outputs
+        and `stack` the E weight gradients, copies that cost ~9 % of the layer at 1024 tokens.
+        """
+        b1 = self.b1_EH if self.b1_EH is not None else self.w1_EDH.new_zeros(0)
+        b2 = self.b2_ED if self.b2_ED is not None else self.w2_EHD.new_zeros(0)
+        return _SortedExperts.apply(x_MD, counts_E.tolist(), self.w1_EDH, b1, self.w2_EHD, b2)
 
     def forward_grouped(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Tokens already sorted by expert: two grouped GEMMs over all experts at once.
@@ -79,3 +95,54 @@ class StackedExperts(nn.Module):
         if self.b2_ED is not None:
             y_MD = y_MD + self.b2_ED.to(y_MD.dtype).repeat_interleave(counts_E, dim=0, output_size=x_MD.shape[0])
         return y_MD
+
+
+class _SortedExperts(torch.autograd.Function):
+    """y[r_e] = GELU(x[r_e]·W1[e] + b1[e])·W2[e] + b2[e] over contiguous row ranges r_e.
+
+    Empty bias tensors (numel 0) mean "no bias". Saves x and the pre-activation, like autograd would.
+    """
+
+    @staticmethod
+    def forward(ctx, x_MD, counts, w1_EDH, b1_EH, w2_EHD, b2_ED):
+        M, H = x_MD.shape[0], w1_EDH.shape[2]
+        h_MH, y_MD = x_MD.new_empty(M, H), x_MD.new_empty(M, w2_EHD.shape[2])
+        g_MH = torch.empty_like(h_MH)
+        start = 0
+        for e, m in enumerate(counts):
+            r = slice(start, start + m)
+            start += m
+            if b1_EH.numel():
+                torch.addmm(b1_EH[e], x_MD[r], w1_EDH[e], out=h_MH[r])
+            else:
+                torch.mm(x_MD[r], w1_EDH[e], out=h_MH[r])
+            torch.ops.aten.gelu.out(h_MH[r], approximate="tanh", out=g_MH[r])
+            if b2_ED.numel():
+                torch.addmm(b2_ED[e], g_MH[r], w2_EHD[e], out=y_MD[r])
+            else:
+                torch.mm(g_MH[r], w2_EHD[e], out=y_MD[r])
+        ctx.counts = counts
+        ctx.save_for_backward(x_MD, h_MH, g_MH, w1_EDH, b1_EH, w2_EHD, b2_ED)
+        return y_MD
+
+    @staticmethod
+    def backward(ctx, dy_MD):
+        x_MD, h_MH, g_MH, w1_EDH, b1_EH, w2_EHD, b2_ED = ctx.saved_tensors
+        dy_MD = dy_MD.contiguous()
+        dx_MD = torch.empty_like(x_MD)
+        dw1, dw2 = torch.empty_like(w1_EDH), torch.empty_like(w2_EHD)
+        db1, db2 = torch.empty_like(b1_EH), torch.empty_like(b2_ED)
+        start = 0
+        for e, m in enumerate(ctx.counts):
+            r = slice(start, start + m)
+            start += m
+            dy = dy_MD[r]
+            torch.mm(g_MH[r].t(), dy, out=dw2[e])
+            dh = torch.ops.aten.gelu_backward(dy @ w2_EHD[e].t(), h_MH[r], approximate="tanh")
+            torch.mm(x_MD[r].t(), dh, out=dw1[e])
+            torch.mm(dh, w1_EDH[e].t(), out=dx_MD[r])
+            if b1_EH.numel():
+                torch.sum(dh, 0, out=db1[e])
+            if b2_ED.numel():
+                torch.sum(dy, 0, out=db2[e])
+        return dx_MD, None, dw1, db1 if b1_EH.numel() else None, dw2, db2 if b2_ED.numel() else None
