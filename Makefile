@@ -25,6 +25,7 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
+	$(BIN)/python benchmarks/moe_dispatch.py
 	$(BIN)/python benchmarks/train_step.py
 
 clean:

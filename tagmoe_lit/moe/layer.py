@@ -124,7 +124,7 @@ class MoELayer(nn.Module):
         idx_M = idx_NK.reshape(-1)
         order_M = torch.argsort(idx_M, stable=True)  # assignment positions grouped by expert
         counts_E = torch.bincount(idx_M, minlength=self.num_experts)
-        x_MD = x_ND[order_M // self.top_k]
+        x_MD = x_ND.index_select(0, order_M // self.top_k)
         run = self.experts.forward_grouped if grouped else self.experts.forward_sorted
         y_MD = run(x_MD, counts_E)
         y_MD = (y_MD.float() * scores_NK.reshape(-1)[order_M, None]).to(x_ND.dtype)
