@@ -20,12 +20,13 @@ Velocity = Callable[[torch.Tensor, torch.Tensor, tuple[int, int], list[str], tor
 class EulerSampler:
     """Settings of the sampler; call it with the model's velocity function."""
 
-    def __init__(self, steps: int = 30, guidance: float = 4.0, negative_prompt: str = " ", shift: float = 1.0):
+    def __init__(self, steps: int = 30, guidance: float = 4.0, negative_prompt: str = "", shift: float = 1.0):
         """
         Args:
             steps: Euler steps from σ = 1 to σ = 0.
             guidance: classifier-free guidance scale w (1.0 = no guidance, one forward per step).
-            negative_prompt: instruction of the unconditional branch (Qwen-Image uses " ").
+            negative_prompt: instruction of the unconditional branch; "" is the null instruction
+                the module's conditioning dropout trains (Qwen-Image's own checkpoints use " ").
             shift: time shift of the σ grid (> 1 spends more steps at high noise).
         """
         self.steps, self.guidance, self.negative_prompt, self.shift = steps, guidance, negative_prompt, shift
