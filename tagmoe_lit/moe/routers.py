@@ -39,7 +39,7 @@ class LinearRouter(nn.Module):
         super().__init__()
         self.init_std = init_std
         self.gate = nn.Linear(dim, num_experts, bias=False)
-        self.reset_parameters()
+        LinearRouter.reset_parameters(self)  # subclasses add layers, then call their own reset
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.gate.weight, std=self.init_std)
@@ -73,7 +73,7 @@ class MLPRouter(nn.Module):
         return self.net(x_ND)
 
 
-class NoisyTopKRouter(nn.Module):
+class NoisyTopKRouter(LinearRouter):
     """Shazeer et al.'s noisy gating: logits + ε·softplus(W_noise·x) while training, clean in eval.
 
     The noise comes from the global RNG so activation checkpointing's re-run (which restores that
@@ -87,14 +87,12 @@ class NoisyTopKRouter(nn.Module):
             num_experts: number of experts E.
             init_std: std of the normal init of the gate and noise weights.
         """
-        super().__init__()
-        self.init_std = init_std
-        self.gate = nn.Linear(dim, num_experts, bias=False)
+        super().__init__(dim, num_experts, init_std)
         self.noise = nn.Linear(dim, num_experts, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.gate.weight, std=self.init_std)
+        super().reset_parameters()
         nn.init.normal_(self.noise.weight, std=self.init_std)
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
@@ -134,7 +132,7 @@ class AuxFreeBiasRouter(LinearRouter):
         self.expert_bias += (step - step.mean()).to(self.expert_bias)
 
 
-class TagConditionedRouter(nn.Module):
+class TagConditionedRouter(LinearRouter):
     """Routes from token features *and* the sample's tag embedding s: an oracle / upper bound.
 
     It needs tags at inference, which TAG-MoE is designed not to; use it to bound what perfect
@@ -151,14 +149,13 @@ class TagConditionedRouter(nn.Module):
             tag_dim: size of the tag embedding s (the tag embedder's `dim`).
             init_std: std of the normal init of both weights.
         """
-        super().__init__()
-        self.init_std, self.tag_dim = init_std, tag_dim
-        self.gate = nn.Linear(dim, num_experts, bias=False)
+        super().__init__(dim, num_experts, init_std)
+        self.tag_dim = tag_dim
         self.tag_gate = nn.Linear(tag_dim, num_experts, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.gate.weight, std=self.init_std)
+        super().reset_parameters()
         nn.init.normal_(self.tag_gate.weight, std=self.init_std)
 
     def forward(self, x_ND: torch.Tensor, context_NC: torch.Tensor | None = None) -> torch.Tensor:
