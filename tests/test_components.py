@@ -43,6 +43,10 @@ def test_text_features_do_not_depend_on_batch_mates_and_padding_is_masked():
     n = int(mask_alone.sum())
     assert torch.equal(both[1, :n], alone[0, :n]) and not mask[1, n:].any() and mask[0].all()
     assert enc.dim == 384
+    small = FrozenTextEncoder(cache_size=2)
+    small(["a", "b"]), small(["a", "c"])  # "b" is least recently used
+    assert list(small._cache) == ["a", "c"]
+    torch.testing.assert_close(small(["b"])[0], enc(["b"])[0])
     with pytest.raises(ValueError, match="does not exist"):
         FrozenTextEncoder("/nonexistent/model")
 

@@ -8,7 +8,7 @@ encoder folder works the same way through `pretrained_path`.
 Why the frozen model is not a registered submodule: it is a fixed preprocessing step. Keeping it
 out of the module tree keeps ~90 MB of weights out of every checkpoint, out of the optimizer and
 out of DDP/FSDP (which would otherwise see parameters without gradients). Each distinct
-instruction is encoded once and cached (instruction vocabularies are small and repeat).
+instruction is encoded once and kept in an LRU cache (`cache_size`; instruction vocabularies repeat).
 
 The contract every text encoder follows: attribute `dim` (feature size D) and
 `forward(instructions: list[str], device) -> (hidden [B, L, D] float, mask [B, L] bool)`.
@@ -16,6 +16,7 @@ The contract every text encoder follows: attribute `dim` (feature size D) and
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -32,12 +33,13 @@ def bundled_minilm_path() -> str:
 class FrozenTextEncoder(nn.Module):
     """Per-token last hidden states of a frozen local Hugging Face encoder, cached per instruction."""
 
-    def __init__(self, pretrained_path: str | None = None, max_length: int = 32, dim: int | None = None):
+    def __init__(self, pretrained_path: str | None = None, max_length: int = 32, dim: int | None = None, cache_size: int = 100_000):
         """
         Args:
             pretrained_path: local folder with config, tokenizer and weights (default: bundled MiniLM).
             max_length: instructions are truncated to this many tokens.
             dim: hidden size, read from the folder's config when not given.
+            cache_size: most instructions kept encoded (least recently used ones are dropped).
         """
         super().__init__()
         self.pretrained_path = pretrained_path or bundled_minilm_path()
@@ -48,9 +50,9 @@ class FrozenTextEncoder(nn.Module):
 
             dim = AutoConfig.from_pretrained(self.pretrained_path, local_files_only=True).hidden_size
         self.dim = dim
-        self.max_length = max_length
+        self.max_length, self.cache_size = max_length, cache_size
         self.__dict__["_model"] = None  # loaded on first use, outside the module tree (see module doc)
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def _load(self):
         if self._model is None:
@@ -65,18 +67,22 @@ class FrozenTextEncoder(nn.Module):
         return self._tokenizer, self._model
 
     @torch.no_grad()
-    def _encode_missing(self, texts: list[str]) -> None:
-        """Encode uncached instructions one at a time: an instruction's features must not depend on
-        which others shared its batch (padding changes kernel shapes and rounding), or a resumed run
-        with a cold cache would drift from a straight one."""
-        for text in dict.fromkeys(t for t in texts if t not in self._cache):
-            tokenizer, model = self._load()
-            tokens = tokenizer(text, truncation=True, max_length=self.max_length, return_tensors="pt")
-            self._cache[text] = model(**tokens).last_hidden_state[0].float()
+    def _features(self, text: str) -> torch.Tensor:
+        """[L, D] features of one instruction, from the LRU cache or encoded *alone*: an
+        instruction's features must not depend on which others shared its batch (padding changes
+        kernel shapes and rounding), or a resumed run with a cold cache would drift from a straight one."""
+        if text in self._cache:
+            self._cache.move_to_end(text)
+            return self._cache[text]
+        tokenizer, model = self._load()
+        tokens = tokenizer(text, truncation=True, max_length=self.max_length, return_tensors="pt")
+        features = self._cache[text] = model(**tokens).last_hidden_state[0].float()
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return features
 
     def forward(self, instructions: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        self._encode_missing(instructions)
-        seqs = [self._cache[t] for t in instructions]
+        seqs = [self._features(t) for t in instructions]
         L = max(s.shape[0] for s in seqs)
         hidden = torch.zeros(len(seqs), L, self.dim)
         mask = torch.zeros(len(seqs), L, dtype=torch.bool)
