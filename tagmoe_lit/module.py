@@ -127,12 +127,17 @@ class TagMoEModule(L.LightningModule):
             self.head = self.head_factory(self.num_experts, self.tag_embedder.dim)
 
     @property
+    def moe_layers(self) -> list[nn.Module]:
+        """The backbone's MoE layers in block order (empty for a dense backbone)."""
+        return list(getattr(self.backbone, "moe_layers", []))
+
+    @property
     def has_moe(self) -> bool:
-        return bool(getattr(self.backbone, "moe_layers", None))
+        return bool(self.moe_layers)
 
     @property
     def num_experts(self) -> int:
-        return self.backbone.moe_layers[0].num_experts if self.has_moe else 0
+        return self.moe_layers[0].num_experts if self.has_moe else 0
 
     # -- forward -------------------------------------------------------------------------------
     def grid(self, images: torch.Tensor) -> tuple[int, int]:
@@ -156,7 +161,7 @@ class TagMoEModule(L.LightningModule):
         `tag_embedding` (s, [B, D]) reaches only routers that declare `needs_context` (the
         tag-conditioned oracle); TAG-MoE's own routers never see tags.
         """
-        for layer in getattr(self.backbone, "moe_layers", []):
+        for layer in self.moe_layers:
             layer.context = tag_embedding
         text, text_mask = self.text_encoder(instructions, device=noisy.device)
         return self.backbone(noisy, reference, grid, text.to(noisy.dtype), text_mask, sigma.to(noisy.device))
@@ -165,22 +170,43 @@ class TagMoEModule(L.LightningModule):
         """s = Σ tag embeddings of each sample, or None without a tag embedder."""
         return self.tag_embedder(batch["tags"]) if self.tag_embedder is not None else None
 
-    def _conditioning(self, batch: dict, drop_text: torch.Tensor, drop_ref: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    def encode_images(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target and source image tokens (x0, source); encode once when several forwards share a batch."""
+        return self.codec.encode(batch["target"]), self.codec.encode(batch["source"])
+
+    def _conditioning(
+        self, batch: dict, source_tokens: torch.Tensor, drop_text: torch.Tensor, drop_ref: torch.Tensor
+    ) -> tuple[list[str], torch.Tensor]:
         """Instructions and reference tokens, blanked where dropped (blank frame = zero tokens)."""
         instructions = ["" if d else t for t, d in zip(batch["instruction"], drop_text.tolist())]
-        keep = (batch["has_source"] & ~drop_ref.to(batch["has_source"].device)).to(batch["source"].dtype)
-        reference = self.codec.encode(batch["source"]) * keep[:, None, None]
-        return instructions, reference
+        keep = (batch["has_source"] & ~drop_ref.to(batch["has_source"].device)).to(source_tokens.dtype)
+        return instructions, source_tokens * keep[:, None, None]
 
-    def loss_terms(self, batch: dict, sigma: torch.Tensor, noise: torch.Tensor, drop_text: torch.Tensor, drop_ref: torch.Tensor) -> dict[str, torch.Tensor]:
-        """All loss terms of one batch; `loss` is the weighted total. Publishes routing stats."""
+    def _draw_noise(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """ε in token space for images x, drawn on CPU from `generator` (the same on any device)."""
+        h, w = self.grid(x)
+        return torch.randn(x.shape[0], h * w, self.codec.token_channels, generator=generator).to(x)
+
+    def loss_terms(
+        self,
+        batch: dict,
+        sigma: torch.Tensor,
+        noise: torch.Tensor,
+        drop_text: torch.Tensor,
+        drop_ref: torch.Tensor,
+        images: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """All loss terms of one batch; `loss` is the weighted total. Publishes routing stats.
+
+        `images` takes `encode_images(batch)` when the caller already has it.
+        """
         if batch["tags"].shape[1] != self.schema.num_tags:
             raise ValueError(
                 f"Batch tags have {batch['tags'].shape[1]} ids but the model's schema {self.schema.name} has "
                 f"{self.schema.num_tags}; use the same `schema` for data and model."
             )
-        x0 = self.codec.encode(batch["target"])
-        instructions, reference = self._conditioning(batch, drop_text, drop_ref)
+        x0, source_tokens = images if images is not None else self.encode_images(batch)
+        instructions, reference = self._conditioning(batch, source_tokens, drop_text, drop_ref)
         s = self.tag_embedding(batch)
         pred, stats = self.velocity(interpolate(x0, noise, sigma), reference, self.grid(batch["target"]), instructions, sigma, s)
         per_sample = flow_loss(pred, x0, noise)
@@ -210,8 +236,7 @@ class TagMoEModule(L.LightningModule):
         B = x.shape[0]
         gen = self._step_generator(batch_idx)
         sigma = self.timesteps(B, gen)
-        h, w = self.grid(x)
-        noise = torch.randn(B, h * w, self.codec.token_channels, generator=gen).to(x)
+        noise = self._draw_noise(x, gen)
         drop_text = torch.rand(B, generator=gen) < self.text_dropout
         drop_ref = torch.rand(B, generator=gen) < self.reference_dropout
         terms = self.loss_terms(batch, sigma.to(x.device), noise, drop_text, drop_ref)
@@ -232,16 +257,15 @@ class TagMoEModule(L.LightningModule):
         """Flow loss at fixed σ ∈ {0.25, 0.5, 0.75} and fixed noise, with and without conditioning."""
         x = batch["target"]
         B = x.shape[0]
-        gen = torch.Generator().manual_seed(step_seed(self.seed, int(batch["index"][0])))
-        h, w = self.grid(x)
-        noise = torch.randn(B, h * w, self.codec.token_channels, generator=gen).to(x)
+        noise = self._draw_noise(x, torch.Generator().manual_seed(step_seed(self.seed, int(batch["index"][0]))))
+        images = self.encode_images(batch)  # shared by the 6 forwards below
         keep, drop = torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)
         out = {"flow_fixed": 0.0, "flow_fixed_uncond": 0.0}
         for s in EVAL_SIGMAS:
             sigma = torch.full((B,), s, device=x.device)
             # unconditional first, so the published routing stats are the conditional forward's
-            out["flow_fixed_uncond"] += self.loss_terms(batch, sigma, noise, drop, drop)["flow"].item() / len(EVAL_SIGMAS)
-            terms = self.loss_terms(batch, sigma, noise, keep, keep)
+            out["flow_fixed_uncond"] += self.loss_terms(batch, sigma, noise, drop, drop, images)["flow"].item() / len(EVAL_SIGMAS)
+            terms = self.loss_terms(batch, sigma, noise, keep, keep, images)
             out["flow_fixed"] += terms["flow"].item() / len(EVAL_SIGMAS)
             if s == 0.5:
                 out.update({k: v.item() for k, v in terms.items() if k not in ("flow", "loss", "flow_per_sample")})
@@ -278,7 +302,7 @@ class TagMoEModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
         """Generate the batch's targets from instruction + reference; seeded by the samples' indices."""
         no_drop = torch.zeros(len(batch["instruction"]), dtype=torch.bool)
-        instructions, reference = self._conditioning(batch, no_drop, no_drop)
+        instructions, reference = self._conditioning(batch, self.codec.encode(batch["source"]), no_drop, no_drop)
         grid = self.grid(batch["target"])
         gen = torch.Generator().manual_seed(step_seed(self.seed, int(batch["index"][0])))
         s = self.tag_embedding(batch)
@@ -288,7 +312,7 @@ class TagMoEModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Once per optimizer step: global expert counts of the step feed routers' bias updates."""
-        layers = getattr(self.backbone, "moe_layers", [])
+        layers = self.moe_layers
         if not layers:
             return
         counts_LE = global_counts(torch.stack([layer.pending_counts_E for layer in layers]))
@@ -322,7 +346,7 @@ class TagMoEModule(L.LightningModule):
             "schema_fingerprint": self.schema.fingerprint,
             "num_tags": self.schema.num_tags,
             "num_experts": self.num_experts,
-            "moe_layers": len(getattr(self.backbone, "moe_layers", [])),
+            "moe_layers": len(self.moe_layers),
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
