@@ -274,3 +274,19 @@ def test_parameter_counts_total_and_active():
     assert counts["layers"] == [{"name": "1", "total": experts + router, "active": experts // 4 + router}]
     assert counts["total"] == 16 * 16 + 16 + experts + router
     assert counts["active"] == counts["total"] - (experts - experts // 4)
+
+
+def test_knocked_out_expert_is_never_chosen_and_its_tokens_take_the_next_best():
+    layer = MoELayer(16, 32, num_experts=4)
+    x = torch.randn(64, 16)
+    _, probs, _, idx = layer.route(x)
+    busiest = int(idx[:, 0].mode().values)
+    layer.knockout([busiest])
+    _, _, scores, knocked = layer.route(x)
+    second_best = probs.index_fill(1, torch.tensor([busiest]), -1.0).argmax(1)
+    assert (knocked[:, 0] != busiest).all() and torch.equal(knocked[:, 0], second_best)
+    assert torch.equal(scores[:, 0], probs.gather(1, second_best[:, None])[:, 0])  # raw probability, not renormalized
+    layer.knockout(())
+    assert torch.equal(layer.route(x)[3], idx)
+    with pytest.raises(ValueError, match=r"Cannot knock out experts \[0, 1, 2, 3\] of 4 with top_k=1"):
+        layer.knockout([0, 1, 2, 3])

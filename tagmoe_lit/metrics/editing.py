@@ -154,14 +154,3 @@ def confused_with(
     index_B = confusion(generated_B3HW, target_B3HW, torch.stack(list(candidates.values())), thresholds)
     return [names[i] if i >= 0 else None for i in index_B.tolist()]
 
-
-def per_task_means(
-    metrics: dict[str, torch.Tensor], task_B: torch.Tensor, task_names: list[str] | tuple[str, ...]
-) -> dict[str, dict[str, float]]:
-    """NaN-ignoring mean of each metric per task present in `task_B`, plus "all": the mean over samples."""
-    rows = {name: task_B == t for t, name in enumerate(task_names) if (task_B == t).any()}
-    rows["all"] = torch.ones_like(task_B, dtype=torch.bool)
-    return {
-        name: {key: float(values_B[selected_B].double().nanmean()) for key, values_B in metrics.items()}
-        for name, selected_B in rows.items()
-    }

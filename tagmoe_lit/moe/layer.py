@@ -20,6 +20,8 @@ For k > 1, `renormalize=True` makes the k weights sum to 1.
 Two per-forward inputs are set by the backbone / module as attributes before the forward:
 `token_mask` (bool [B, T]: the tokens that count for statistics) and `context` ([B, C] per-sample
 features for routers that declare `needs_context`, e.g. the tag-conditioned oracle).
+`knockout(experts)` removes experts for analysis: they are never selected, so their tokens go
+to their next-best expert, weighted by that expert's own (unrenormalized) probability.
 """
 
 from __future__ import annotations
@@ -82,6 +84,17 @@ class MoELayer(nn.Module):
         self.token_mask: torch.Tensor | None = None
         self.context: torch.Tensor | None = None
         self.last: LayerRouting | None = None
+        self.knocked_out: tuple[int, ...] = ()
+
+    def knockout(self, experts: tuple[int, ...] | list[int] = ()) -> None:
+        """Never select these experts (expert-knockout analysis); `()` restores the layer."""
+        experts = tuple(sorted(set(experts)))
+        if any(not 0 <= e < self.num_experts for e in experts) or self.num_experts - len(experts) < self.top_k:
+            raise ValueError(
+                f"Cannot knock out experts {list(experts)} of {self.num_experts} with top_k={self.top_k}: "
+                f"name expert ids in 0..{self.num_experts - 1} and keep at least {self.top_k}."
+            )
+        self.knocked_out = experts
 
     def _apply(self, fn, recurse: bool = True):
         """Casting the model (`.bfloat16()`, bf16-true precision) leaves the router in fp32."""
@@ -107,6 +120,8 @@ class MoELayer(nn.Module):
             select_NE = probs_NE
             if hasattr(self.router, "selection_bias"):
                 select_NE = probs_NE + self.router.selection_bias().to(probs_NE)  # choice only, not weights
+            if self.knocked_out:
+                select_NE = select_NE.index_fill(1, torch.tensor(self.knocked_out, device=x_ND.device), -torch.inf)
             idx_NK = select_NE.topk(self.top_k, dim=-1).indices
         scores_NK = probs_NE.gather(1, idx_NK)
         if self.renormalize and self.top_k > 1:
