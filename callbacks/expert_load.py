@@ -1,72 +1,95 @@
-"""`ExpertLoadMonitor`: expert loads, balance and per-task routing signatures in TensorBoard.
+"""`ExpertLoadMonitor`: expert loads and balance during training, with dead-expert and collapse warnings.
 
-Reads only the routing record the module publishes (`pl_module.routing_stats`, `RoutingStats`,
-and `pl_module.routing_tasks`, the batch's task ids). Loads are logged as fractions, so a re-run
-forward under activation checkpointing cannot inflate them.
+Reads only the module's published `RoutingRecord` (`pl_module.routing`). Loads are fractions of the
+counted token assignments, so a re-run forward under activation checkpointing cannot inflate them.
 
-Logged keys:
-  moe/layer_{i}/load_e{j}       share of layer i's counted token assignments going to expert j
-  moe/layer_{i}/load_cv         coefficient of variation of those shares (0 = perfectly balanced)
-  moe/layer_{i}/entropy         mean per-token router entropy (nats)
-  val_routing/{task}/e{j}       mean routing signature g of a task's validation samples
-  val_routing/layer_{i}/nmi     task–expert NMI of top-1 choices on the validation set
-  val_routing/layer_{i}/nmi_shuffled   the same with task labels shuffled (chance level)
+Logged every `every_n_steps` optimizer steps:
+  moe/layer_{i}/load_e{j}        share of layer i's token assignments that went to expert j
+  moe/layer_{i}/load_cv          coefficient of variation of those shares (0 = perfectly balanced)
+  moe/layer_{i}/entropy          mean per-token router entropy (nats)
+  moe/layer_{i}/sample_entropy   mean entropy of each sample's signature: near 0 means every image
+                                 goes to one expert (the MoE became a prompt-driven switch)
+  moe/layer_{i}/dead_experts     experts under `min_share` for `patience` checks in a row
+  moe/layer_{i}/load             histogram of top-k choices over expert ids (TensorBoard)
+
+A warning names a layer's expert the first time it has stayed under `min_share` (dead) or over
+`max_share` (collapse: the layer is one expert) for `patience` consecutive checks.
 """
 
 from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
-from tagmoe_lit.align import routing_signature
-from tagmoe_lit.metrics.specialization import nmi, shuffled_nmi, task_expert_table
+
+def entropy(p_XE: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row of a probability table: [X]."""
+    return -(p_XE * p_XE.clamp_min(1e-12).log()).sum(-1)
 
 
 class ExpertLoadMonitor(L.Callback):
-    """Logs expert load per layer every `every_n_steps` and routing per task at each validation."""
+    """Per-layer, per-expert training load, balance, entropy and health checks."""
 
-    def __init__(self, every_n_steps: int = 10):
+    def __init__(self, every_n_steps: int = 10, min_share: float = 0.02, max_share: float = 0.9, patience: int = 5, histograms: bool = True):
         """
         Args:
-            every_n_steps: log training loads every this many optimizer steps.
+            every_n_steps: log and check loads every this many optimizer steps.
+            min_share: an expert with a smaller load share than this is starving.
+            max_share: an expert with a larger load share than this has taken the layer over.
+            patience: consecutive checks before an expert counts as dead or collapsed (and a warning).
+            histograms: also log a load histogram per layer to TensorBoard.
         """
-        self.every_n_steps = every_n_steps
-        self._tasks: list[torch.Tensor] = []
-        self._signatures: list[torch.Tensor] = []
-        self._top1: list[list[torch.Tensor]] = []
+        self.every_n_steps, self.min_share, self.max_share = every_n_steps, min_share, max_share
+        self.patience, self.histograms = patience, histograms
+        self._low: torch.Tensor | None = None  # [L, E] consecutive checks under min_share
+        self._high: torch.Tensor | None = None
+        self._warned: set[tuple[str, int, int]] = set()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        stats = pl_module.routing_stats
-        if stats is None or trainer.global_step % self.every_n_steps:
+        record = pl_module.routing
+        if record is None or trainer.global_step % self.every_n_steps:
             return
+        load_LE = torch.stack([layer.load_E for layer in record.stats.layers]).float().cpu()
+        self._check_health(trainer, load_LE)
         metrics = {}
-        for i, layer in enumerate(stats.layers):
-            load = layer.load_E
+        for i, layer in enumerate(record.stats.layers):
+            load = load_LE[i]
             metrics.update({f"moe/layer_{i}/load_e{j}": load[j] for j in range(load.numel())})
             metrics[f"moe/layer_{i}/load_cv"] = load.std(unbiased=False) / load.mean()
             metrics[f"moe/layer_{i}/entropy"] = layer.entropy
+            metrics[f"moe/layer_{i}/sample_entropy"] = entropy(layer.signature_BE.float()).mean()
+            metrics[f"moe/layer_{i}/dead_experts"] = float((self._low[i] >= self.patience).sum())
         pl_module.log_dict(metrics, batch_size=batch["target"].shape[0])
+        if self.histograms and trainer.is_global_zero:
+            self._log_histograms(trainer, record)
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        stats = pl_module.routing_stats
-        if stats is None or trainer.sanity_checking:
-            return
-        self._tasks.append(pl_module.routing_tasks.cpu())
-        self._signatures.append(routing_signature(stats).cpu())
-        self._top1.append([layer.top1_counts_BE.cpu() for layer in stats.layers])
+    def _check_health(self, trainer: L.Trainer, load_LE: torch.Tensor) -> None:
+        if self._low is None or self._low.shape != load_LE.shape:
+            self._low, self._high = torch.zeros_like(load_LE), torch.zeros_like(load_LE)
+        self._low = torch.where(load_LE < self.min_share, self._low + 1, 0)
+        self._high = torch.where(load_LE > self.max_share, self._high + 1, 0)
+        for kind, run, share in (("dead", self._low, f"under {self.min_share:.0%}"), ("collapse", self._high, f"over {self.max_share:.0%}")):
+            for i, j in (run >= self.patience).nonzero().tolist():
+                if (kind, i, j) not in self._warned:
+                    self._warned.add((kind, i, j))
+                    rank_zero_warn(
+                        f"MoE layer {i}, expert {j}: load share {share} for {self.patience} checks in a row "
+                        f"(step {trainer.global_step}, {kind}); raise `model.lambda_lb` or try the aux_free router."
+                    )
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._tasks:
-            return
-        tasks, g = torch.cat(self._tasks), torch.cat(self._signatures)
-        names = trainer.datamodule.task_names
-        metrics = {}
-        for t in tasks.unique().tolist():
-            mean_g = g[tasks == t].mean(0)
-            metrics.update({f"val_routing/{names[t]}/e{j}": mean_g[j] for j in range(mean_g.numel())})
-        for i in range(len(self._top1[0])):
-            top1 = torch.cat([batch[i] for batch in self._top1])
-            metrics[f"val_routing/layer_{i}/nmi"] = nmi(task_expert_table(tasks, top1, len(names)))
-            metrics[f"val_routing/layer_{i}/nmi_shuffled"] = shuffled_nmi(tasks, top1, len(names))
-        pl_module.log_dict({k: float(v) for k, v in metrics.items()})
-        self._tasks, self._signatures, self._top1 = [], [], []
+    def _log_histograms(self, trainer: L.Trainer, record) -> None:
+        for logger in trainer.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                continue
+            for i, layer in enumerate(record.stats.layers):
+                counts = layer.counts_E.float().cpu()
+                ids = torch.arange(counts.numel(), dtype=torch.float64)
+                logger.experiment.add_histogram_raw(
+                    f"moe/layer_{i}/load",
+                    min=0.0, max=float(counts.numel() - 1), num=float(counts.sum()),
+                    sum=float((ids * counts).sum()), sum_squares=float((ids.pow(2) * counts).sum()),
+                    bucket_limits=(ids + 0.5).tolist(), bucket_counts=counts.tolist(),
+                    global_step=trainer.global_step,
+                )

@@ -8,8 +8,10 @@ so a large backbone is never built at parse time), and its step reads like DiT's
     v̂, routing = backbone(x_σ, reference, text, σ)
     L = L_flow + λ_lb·L_lb + λ_align·(1 − cos(H(g), s))
 
-Routing statistics of the last forward are published as `routing_stats` (detached) with the batch's
-task ids in `routing_tasks`; callbacks read those two attributes and nothing else.
+After every training and evaluation forward the module publishes `routing`, a `RoutingRecord`
+(detached routing stats, the batch's task ids and tags, s and the head's cosine to it); callbacks
+read that attribute and nothing else. `generate` is the one sampling path: `predict`, `test` and
+the sample-grid callback all call it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from torch import nn
 from tagmoe_lit.align import MLPHead, SumTagEmbedder, alignment_baselines, alignment_loss, routing_signature
 from tagmoe_lit.backbone import FrozenTextEncoder, PixelCodec, QwenImageBackbone
 from tagmoe_lit.flow import LogitNormalSampler, flow_loss, interpolate
-from tagmoe_lit.moe import RoutingStats, load_balancing_loss, router_z_loss
+from tagmoe_lit.metrics.editing import confusion, edit_metrics, source_alternatives
+from tagmoe_lit.metrics.report import TaskReport
+from tagmoe_lit.moe import RoutingRecord, RoutingStats, load_balancing_loss, router_z_loss
 from tagmoe_lit.moe.losses import global_counts
 from tagmoe_lit.sampling import EulerSampler
 from tagmoe_lit.tags import TagSchema
@@ -37,8 +41,8 @@ HeadFactory = Callable[[int, int], nn.Module]  # (num_experts, tag_dim)
 EVAL_SIGMAS = (0.25, 0.5, 0.75)
 
 
-def step_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across machines and Python runs."""
+def step_seed(*parts: int | str) -> int:
+    """A 63-bit seed from integers and names, stable across machines and Python runs."""
     return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:15], 16)
 
 
@@ -71,6 +75,7 @@ class TagMoEModule(L.LightningModule):
         cosine_decay: bool = True,
         min_lr_ratio: float = 0.1,
         seed: int = 0,
+        sample_in_test: bool = True,
     ):
         """
         Args:
@@ -94,6 +99,8 @@ class TagMoEModule(L.LightningModule):
             cosine_decay: decay to `min_lr_ratio`·lr over `trainer.max_steps` after warmup.
             min_lr_ratio: final learning rate as a fraction of `lr`.
             seed: seeds the per-step noise / σ / dropout generator (with step and rank).
+            sample_in_test: `test` also samples every test image and scores the edits (slow:
+                `sampler.steps` forwards per batch, twice with guidance); off: flow losses only.
         """
         super().__init__()
         self.schema = TagSchema.load(schema)
@@ -106,13 +113,14 @@ class TagMoEModule(L.LightningModule):
         self.text_dropout, self.reference_dropout = text_dropout, reference_dropout
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.cosine_decay, self.min_lr_ratio = warmup_steps, cosine_decay, min_lr_ratio
-        self.seed = seed
+        self.seed, self.sample_in_test = seed, sample_in_test
         self.backbone: nn.Module | None = None
         self.tag_embedder: nn.Module | None = None
         self.head: nn.Module | None = None
-        self.routing_stats: RoutingStats | None = None
-        self.routing_tasks: torch.Tensor | None = None
+        self.routing: RoutingRecord | None = None
         self._eval_sums: dict[str, list[float]] = {}
+        self._report: TaskReport | None = None
+        self.test_summary: dict | None = None  # the last `test`'s per-task tables (TaskReport.summary)
 
     # -- building ------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -216,13 +224,21 @@ class TagMoEModule(L.LightningModule):
             terms["lb"] = load_balancing_loss(stats)
             terms["z"] = router_z_loss(stats)
             loss = loss + self.lambda_lb * terms["lb"] + self.lambda_z * terms["z"]
+            align_B = None
             if s is not None:
                 g = routing_signature(stats)
-                terms["align"] = alignment_loss(self.head(g), s).mean()
+                align_B = alignment_loss(self.head(g), s)
+                terms["align"] = align_B.mean()
                 terms.update(alignment_baselines(self.head, g.detach(), s.detach()))
                 loss = loss + self.lambda_align * terms["align"]
             terms["router_entropy"] = torch.stack([layer.entropy for layer in stats.layers]).mean()
-            self.routing_stats, self.routing_tasks = stats.detached(), batch["task"].detach()
+            self.routing = RoutingRecord(
+                stats.detached(),
+                batch["task"].detach(),
+                batch["tags"].detach(),
+                None if s is None else s.detach(),
+                None if align_B is None else 1.0 - align_B.detach(),
+            )
         terms["loss"] = loss
         return terms
 
@@ -253,27 +269,36 @@ class TagMoEModule(L.LightningModule):
         return terms["loss"]
 
     # -- evaluation ----------------------------------------------------------------------------
-    def _fixed_noise_terms(self, batch: dict) -> dict[str, float]:
-        """Flow loss at fixed σ ∈ {0.25, 0.5, 0.75} and fixed noise, with and without conditioning."""
+    def _fixed_noise_terms(self, batch: dict) -> tuple[dict[str, float], torch.Tensor]:
+        """Flow loss at fixed σ ∈ {0.25, 0.5, 0.75} and fixed noise, with and without conditioning.
+
+        Returns batch means of every term (alignment etc. at σ = 0.5) and the conditional flow
+        loss per sample [B] (mean over σ); the published routing is the σ = 0.5 conditional forward's.
+        """
         x = batch["target"]
         B = x.shape[0]
         noise = self._draw_noise(x, torch.Generator().manual_seed(step_seed(self.seed, int(batch["index"][0]))))
         images = self.encode_images(batch)  # shared by the 6 forwards below
         keep, drop = torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)
         out = {"flow_fixed": 0.0, "flow_fixed_uncond": 0.0}
+        flow_B, routing = torch.zeros(B, device=x.device), None
         for s in EVAL_SIGMAS:
             sigma = torch.full((B,), s, device=x.device)
-            # unconditional first, so the published routing stats are the conditional forward's
             out["flow_fixed_uncond"] += self.loss_terms(batch, sigma, noise, drop, drop, images)["flow"].item() / len(EVAL_SIGMAS)
             terms = self.loss_terms(batch, sigma, noise, keep, keep, images)
             out["flow_fixed"] += terms["flow"].item() / len(EVAL_SIGMAS)
+            flow_B += terms["flow_per_sample"] / len(EVAL_SIGMAS)
             if s == 0.5:
                 out.update({k: v.item() for k, v in terms.items() if k not in ("flow", "loss", "flow_per_sample")})
-        return out
+                routing = self.routing
+        self.routing = routing
+        return out, flow_B
 
-    def _eval_step(self, batch: dict) -> None:
-        for k, v in self._fixed_noise_terms(batch).items():
+    def _eval_step(self, batch: dict) -> torch.Tensor:
+        means, flow_B = self._fixed_noise_terms(batch)
+        for k, v in means.items():
             self._eval_sums.setdefault(k, []).append(v)
+        return flow_B
 
     def _eval_epoch_end(self, prefix: str) -> dict[str, float]:
         metrics = {f"{prefix}/{k}": sum(v) / len(v) for k, v in self._eval_sums.items()}
@@ -293,22 +318,72 @@ class TagMoEModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
 
+    def on_test_epoch_start(self) -> None:
+        self._report = TaskReport(getattr(self.trainer.datamodule, "task_names", None))
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch)
+        """Per-sample flow loss at fixed noise and, with `sample_in_test`, sampled-edit metrics."""
+        metrics = {"flow_fixed": self._eval_step(batch)}
+        top1 = [layer.top1_counts_BE for layer in self.routing.stats.layers] if self.routing else []
+        if self.sample_in_test:
+            images, _ = self.generate(batch)
+            metrics.update(edit_metrics(images, batch["target"], batch["source"], batch["mask"], batch["has_source"]))
+            # did it do another (source-determined) edit instead? undefined without a source
+            alternatives_KB3HW = torch.stack(list(source_alternatives(batch["source"]).values()))
+            confused_B = (confusion(images, batch["target"], alternatives_KB3HW) >= 0).float()
+            metrics["confusion"] = confused_B.masked_fill(~batch["has_source"].to(confused_B.device), math.nan)
+        self._report.add(batch["task"], metrics, top1)
 
     def on_test_epoch_end(self) -> None:
+        """Log per-task test metrics and write `test_report.{json,md}` into the run's log directory."""
         self._eval_epoch_end("test")
+        report, self._report = self._report, None
+        if self.trainer.world_size > 1:
+            parts = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(parts, report)
+            report = TaskReport.merge(parts)
+        summary = self.test_summary = report.summary()
+        per_task = {f"test/{task}/{k}": v for task, row in summary["tasks"].items() for k, v in row.items()}
+        per_task.update({f"test_routing/{layer}/{k}": v[k] for layer, v in summary["routing"].items() for k in ("nmi", "nmi_shuffled")})
+        for logger in self.loggers:
+            logger.log_metrics({k: v for k, v in per_task.items() if not math.isnan(v)}, step=self.global_step)
+        if self.trainer.is_global_zero:
+            directory = self.trainer.log_dir or self.trainer.default_root_dir
+            json_path, md_path = report.write(directory, summary=summary)
+            print(f"\nPer-task test metrics ({json_path}):\n\n{md_path.read_text()}")
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Generate the batch's targets from instruction + reference; seeded by the samples' indices."""
+    @torch.no_grad()
+    def generate(self, batch: dict, sampler: EulerSampler | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sample each batch image from its instruction and reference (tags only reach oracle routers).
+
+        Each sample's starting noise is seeded by its own `index`, so an image does not depend on
+        its batch-mates. Returns images [B, 3, H, W] in [0, 1] and the routing signature per MoE
+        layer [L, B, E] averaged over the sampler's conditional forwards (None for a dense model).
+        """
         no_drop = torch.zeros(len(batch["instruction"]), dtype=torch.bool)
         instructions, reference = self._conditioning(batch, self.codec.encode(batch["source"]), no_drop, no_drop)
         grid = self.grid(batch["target"])
-        gen = torch.Generator().manual_seed(step_seed(self.seed, int(batch["index"][0])))
+        noise = torch.stack([
+            torch.randn(grid[0] * grid[1], self.codec.token_channels, generator=torch.Generator().manual_seed(step_seed(self.seed, "sample", int(i))))
+            for i in batch["index"].tolist()
+        ])
         s = self.tag_embedding(batch)
-        velocity = partial(self.velocity, tag_embedding=s)
-        tokens = self.sampler(velocity, instructions, reference, grid, self.codec.token_channels, gen)
-        return {"images": self.codec.decode(tokens, *grid).clamp(0, 1), "index": batch["index"], "task": batch["task"]}
+        signatures: list[torch.Tensor] = []
+
+        def velocity(x, ref, grid_hw, instr, sigma):
+            pred, stats = self.velocity(x, ref, grid_hw, instr, sigma, s)
+            if stats is not None and instr is instructions:  # the conditional branch
+                signatures.append(torch.stack([layer.signature_BE for layer in stats.layers]))
+            return pred, stats
+
+        tokens = (sampler or self.sampler)(velocity, instructions, reference, grid, self.codec.token_channels, noise=noise)
+        images = self.codec.decode(tokens, *grid).clamp(0, 1)
+        return images, torch.stack(signatures).mean(0) if signatures else None
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
+        """Generated images with their routing signatures, for `callbacks.PredictionWriter`."""
+        images, signature_LBE = self.generate(batch)
+        return {"images": images, "signature_LBE": signature_LBE, "batch": batch}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Once per optimizer step: global expert counts of the step feed routers' bias updates."""

@@ -3,7 +3,8 @@
 Integrates dx/dσ = v(x, σ) from σ = 1 (noise) to σ = 0 (image) on a shifted grid. With
 `guidance` ≠ 1 each step also runs the negative prompt (the reference image is kept, as
 Qwen-Image-Edit's true CFG does) and extrapolates: v = v_neg + w·(v_cond − v_neg).
-Seeded by an explicit generator, so the same seed gives the same images.
+The starting noise is given by the caller (the module draws it per sample from the sample's own
+seed, so an image does not depend on its batch-mates) or drawn from an explicit generator.
 """
 
 from __future__ import annotations
@@ -40,10 +41,16 @@ class EulerSampler:
         grid: tuple[int, int],
         token_channels: int,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Return clean image tokens [B, h·w, P]; `reference` holds reference tokens (blank = zeros)."""
+        """Return clean image tokens [B, h·w, P]; `reference` holds reference tokens (blank = zeros).
+
+        `noise` ([B, h·w, P]) is the start at σ = 1; without it, it is drawn from `generator`.
+        """
         B = len(instructions)
-        x = torch.randn(B, grid[0] * grid[1], token_channels, generator=generator).to(reference)
+        if noise is None:
+            noise = torch.randn(B, grid[0] * grid[1], token_channels, generator=generator)
+        x = noise.to(reference)
         sigmas = shift_sigma(torch.linspace(1.0, 0.0, self.steps + 1), self.shift).tolist()
         for s, s_next in zip(sigmas[:-1], sigmas[1:]):
             sigma = torch.full((B,), s, device=x.device)

@@ -5,7 +5,11 @@ Each layer *overwrites* its record on every forward rather than accumulating, so
 checkpointing's re-run of the forward (DESIGN.md pitfall 8) cannot double-count anything.
 Only tokens selected by the layer's token mask (the generated image's tokens) are counted.
 
-Legend: B samples, E experts.
+`RoutingRecord` is what the LightningModule publishes for callbacks after each forward: the
+routing stats plus who the samples were (task ids, tags) and how well the alignment head read
+their routing.
+
+Legend: B samples, E experts, V tags, D tag-embedding width.
 """
 
 from __future__ import annotations
@@ -48,3 +52,19 @@ class RoutingStats:
         return RoutingStats(
             [LayerRouting(*(t.detach() for t in vars(layer).values())) for layer in self.layers]
         )
+
+
+@dataclass
+class RoutingRecord:
+    """The module's published view of one batch's routing (all tensors detached)."""
+
+    stats: RoutingStats
+    task_B: torch.Tensor  # task id per sample (index into the data module's `task_names`)
+    tags_BV: torch.Tensor  # multi-hot tags
+    semantic_BD: torch.Tensor | None = None  # s, the summed tag embeddings (None without alignment)
+    align_cos_B: torch.Tensor | None = None  # cos(H(g), s) per sample
+
+    @property
+    def signature_LBE(self) -> torch.Tensor:
+        """Per-layer routing signatures, stacked: [layers, B, E]."""
+        return torch.stack([layer.signature_BE for layer in self.stats.layers])

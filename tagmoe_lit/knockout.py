@@ -1,0 +1,73 @@
+"""Expert knockout: disable one expert in every MoE layer at a time and see which tasks suffer.
+
+    python -m tagmoe_lit knockout --config experiments/base.yaml --ckpt_path runs/base/…/last.ckpt
+
+Runs the kit's `test` once with all experts and once per knocked-out expert (its tokens go to their
+next-best expert, `MoELayer.knockout`), then writes `knockout.json` and `knockout.md` beside the
+checkpoint's run: per task, each metric with all experts and its change when expert e is gone.
+Every other argument is a normal config override (e.g. `--data.test_samples 144`,
+`--model.sample_in_test false` for flow losses only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from tagmoe_lit.cli import TagMoECLI
+
+
+
+def knockout(cli: TagMoECLI, ckpt_path: str) -> dict:
+    """{'all_experts': summary, 'without_e{j}': summary, …} from one `test` per configuration."""
+    model, trainer = cli.model, cli.trainer
+    model.configure_model()
+    if not model.moe_layers:
+        raise ValueError("Expert knockout needs an MoE model; this config builds a dense backbone.")
+    results = {}
+    for expert in [None, *range(model.num_experts)]:
+        for layer in model.moe_layers:
+            layer.knockout(() if expert is None else (expert,))
+        trainer.test(model, datamodule=cli.datamodule, ckpt_path=ckpt_path, verbose=False)
+        results["all_experts" if expert is None else f"without_e{expert}"] = model.test_summary
+    for layer in model.moe_layers:
+        layer.knockout(())
+    return results
+
+
+def to_markdown(results: dict, metric: str) -> str:
+    """Task × configuration table of one metric: the full model's value, then each knockout's change."""
+    base = results["all_experts"]["tasks"]
+    knocked = [k for k in results if k != "all_experts"]
+    lines = [f"| task | {metric} (all experts) | " + " | ".join(f"Δ {k}" for k in knocked) + " |", "|---" * (len(knocked) + 2) + "|"]
+    for task, row in base.items():
+        deltas = [results[k]["tasks"][task][metric] - row[metric] for k in knocked]
+        lines.append(f"| {task} | {row[metric]:.3f} | " + " | ".join("–" if math.isnan(d) else f"{d:+.3f}" for d in deltas) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--ckpt_path" not in argv:
+        raise SystemExit("knockout needs `--ckpt_path CHECKPOINT` (a checkpoint written by `fit`).")
+    i = argv.index("--ckpt_path")
+    ckpt_path = argv[i + 1]
+    del argv[i : i + 2]
+    cli = TagMoECLI(args=[*argv, "--trainer.logger", "false"], run=False)
+    results = knockout(cli, ckpt_path)
+    metrics = [m for m in ("success", "flow_fixed") if m in results["all_experts"]["all"]]
+    text = "\n".join(f"### {m}\n\n{to_markdown(results, m)}" for m in metrics)
+    out = Path(ckpt_path).resolve().parent
+    for path, content in ((out / "knockout.json", json.dumps(results, indent=2)), (out / "knockout.md", text)):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(content)
+        os.replace(tmp, path)
+    print(f"\n{text}\nWrote {out / 'knockout.json'} and {out / 'knockout.md'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
