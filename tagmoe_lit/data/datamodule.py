@@ -12,6 +12,10 @@ out of training (`holdout_tasks`) are evaluated on exactly the same footing.
 A batch is a dict: `instruction` list[str]; `source`, `target` float [B, 3, H, W] in [0, 1]
 (`source` is zeros where `has_source` is False: text-to-image); `mask` bool [B, H, W];
 `tags` float multi-hot [B, V]; `task` long [B] (index into `task_names`); `index` long [B].
+`ManifestDataModule` (real data) produces the same dict.
+
+`tag_noise` corrupts that fraction of *training* samples' tags (`tag_noise.py`); `predict_file`
+makes `predict` read a prompt list (`prompts.py`) instead of the test split.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from tagmoe_lit.data.prompts import prompt_loader
 from tagmoe_lit.data.synthtag import TASKS, SynthSample, SynthTAG
+from tagmoe_lit.data.tag_noise import check_rate, corrupt_tags
 from tagmoe_lit.tags import TagSchema
 
 VAL_SEED_OFFSET, TEST_SEED_OFFSET = 1_000_003, 2_000_003
@@ -31,18 +37,22 @@ VAL_SEED_OFFSET, TEST_SEED_OFFSET = 1_000_003, 2_000_003
 class _Encoder:
     """SynthSample → dict of tensors under a tag schema (picklable for worker processes)."""
 
-    def __init__(self, schema: TagSchema, task_names: Sequence[str]):
+    def __init__(self, schema: TagSchema, task_names: Sequence[str], tag_noise: float = 0.0, seed: int = 0):
         self.schema, self.task_index = schema, {t: i for i, t in enumerate(task_names)}
+        self.tag_noise, self.seed = tag_noise, seed
 
     def __call__(self, s: SynthSample, index: int) -> dict:
         target = s.target.float() / 255.0
+        ids = self.schema.encode(s.tags)
+        if self.tag_noise:
+            ids = corrupt_tags(ids, self.schema, self.tag_noise, self.seed, index)
         return {
             "instruction": s.instruction,
             "source": s.source.float() / 255.0 if s.source is not None else torch.zeros_like(target),
             "has_source": s.source is not None,
             "target": target,
             "mask": s.mask,
-            "tags": self.schema.multi_hot(self.schema.encode(s.tags)),
+            "tags": self.schema.multi_hot(ids),
             "task": self.task_index[s.task],
             "index": index,
         }
@@ -94,6 +104,8 @@ class SynthTAGDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         schema: str = "synthtag",
+        tag_noise: float = 0.0,
+        predict_file: str | None = None,
     ):
         """
         Args:
@@ -107,6 +119,8 @@ class SynthTAGDataModule(L.LightningDataModule):
             eval_batch_size: batch size for validation / test (default: `batch_size`).
             num_workers: DataLoader workers (0: generate in the training process, fastest on 2 cores).
             schema: tag schema name or YAML path; the model is built for the same schema.
+            tag_noise: fraction of training samples whose tags get one tag swapped within its level (seeded by index).
+            predict_file: a prompt list (JSONL or YAML) for `predict` (default: the test split).
         """
         super().__init__()
         self.task_names = tuple(tasks) if tasks else TASKS
@@ -124,6 +138,8 @@ class SynthTAGDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.schema = TagSchema.load(schema)
         self.encode = _Encoder(self.schema, self.task_names)
+        self.tag_noise, self.predict_file = check_rate(tag_noise), predict_file
+        self.train_encode = _Encoder(self.schema, self.task_names, self.tag_noise, seed) if self.tag_noise else self.encode
 
     def _synth(self, seed: int, tasks: Sequence[str]) -> SynthTAG:
         return SynthTAG(image_size=self.image_size, seed=seed, tasks=tasks)
@@ -137,7 +153,7 @@ class SynthTAGDataModule(L.LightningDataModule):
         if trainer is not None:  # continue where the restored global step left off
             start = trainer.global_step * trainer.accumulate_grad_batches
             rank, world = trainer.global_rank, trainer.world_size
-        stream = SynthTAGStream(self._synth(self.seed, self.train_tasks), self.encode, self.batch_size, start, rank, world)
+        stream = SynthTAGStream(self._synth(self.seed, self.train_tasks), self.train_encode, self.batch_size, start, rank, world)
         return self._loader(stream, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
@@ -149,4 +165,6 @@ class SynthTAGDataModule(L.LightningDataModule):
         return self._loader(split, self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
+        if self.predict_file is not None:
+            return prompt_loader(self.predict_file, self.image_size, self.schema, self.eval_batch_size, self.num_workers)
         return self.test_dataloader()

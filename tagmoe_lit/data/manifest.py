@@ -1,0 +1,151 @@
+"""JSONL manifests: one training sample per line, validated up front.
+
+A row:
+
+    {"instruction": "make the red circle blue",          # required, non-empty
+     "target": "images/0001_target.png",                 # required
+     "source": "images/0001_source.png",                 # optional: a path or a list (the first is used)
+     "mask": "images/0001_mask.png",                     # optional: white = may change (default: all)
+     "tags": {"scope": ["local editing"], ...},          # names from the schema, or a flat list
+     "task": "recolor"}                                  # optional task name for per-task metrics
+
+Paths are relative to the manifest's folder. Other keys are kept and ignored (`annotate` adds
+`annotation`). A row `annotate` flagged (`annotation.problem`) is a bad row.
+
+Task names: a row's `task` if given, else its tag set written as "tag+tag+…" in id order, so rows
+with the same tags count as one task in the per-task metrics ("untagged" when it has none).
+
+The split is by a hash of (instruction, target path), not of the line: it stays the same when rows
+are reordered, added to, or annotated, and does not depend on the seed.
+
+Everything that can be checked without decoding whole images is checked when the manifest is read:
+JSON, instruction, tags against the schema, that every file exists, and the target's header (which
+also gives its size for bucketing). Each problem is reported as "<file> line <n>: <problem>".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tagmoe_lit.data.images import ImageReadError, probe_size
+from tagmoe_lit.tags import TagSchema, TagSchemaError
+
+
+class ManifestError(ValueError):
+    """A manifest or one of its rows is unusable; the message names the file, the line and the fix."""
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    manifest: Path
+    line: int
+    instruction: str
+    target: Path
+    source: Path | None
+    mask: Path | None
+    tag_ids: tuple[int, ...]
+    task: str
+    size: tuple[int, int]  # the target's (height, width)
+    split_hash: float  # in [0, 1): the row is in validation when below val_fraction
+
+    @property
+    def where(self) -> str:
+        return f"{self.manifest} line {self.line}"
+
+
+@dataclass(frozen=True)
+class BadRow:
+    where: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.problem}"
+
+
+def task_of(row_task: str | None, tag_ids: tuple[int, ...], schema: TagSchema) -> str:
+    if row_task:
+        return row_task
+    names = [schema.names[i] for i in sorted(tag_ids)]
+    return "+".join(names) if names else "untagged"
+
+
+def split_hash(instruction: str, target: str) -> float:
+    digest = hashlib.sha256(f"{instruction}\0{target}".encode()).hexdigest()
+    return int(digest[:13], 16) / 16**13
+
+
+def _path(folder: Path, value, key: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"'{key}' must be a non-empty path string, got {value!r}")
+    path = folder / value
+    if not path.is_file():
+        raise ValueError(f"{key} image '{value}' does not exist (looked for {path})")
+    return path
+
+
+def parse_row(row, manifest: Path, line: int, schema: TagSchema, require_tags: bool) -> ManifestRow:
+    """One decoded JSON value → ManifestRow; raises ValueError with the problem (no location)."""
+    if not isinstance(row, dict):
+        raise ValueError("the line must be a JSON object with at least 'instruction' and 'target'")
+    instruction = row.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError(f"'instruction' must be a non-empty string, got {instruction!r}")
+    problem = (row.get("annotation") or {}).get("problem") if isinstance(row.get("annotation"), dict) else None
+    if problem:
+        raise ValueError(f"the annotator flagged it ({problem})")
+    if "target" not in row:
+        raise ValueError("it has no 'target' image path")
+    folder = manifest.parent
+    target = _path(folder, row["target"], "target")
+    sources = row.get("source")
+    sources = [sources] if isinstance(sources, str) else sources
+    if sources is not None and not isinstance(sources, list):
+        raise ValueError(f"'source' must be a path or a list of paths, got {sources!r}")
+    source = _path(folder, sources[0], "source") if sources else None
+    mask = _path(folder, row["mask"], "mask") if row.get("mask") is not None else None
+    tags = row.get("tags")
+    if tags is None:
+        if require_tags:
+            raise ValueError("it has no 'tags' (annotate the manifest first, or set require_tags: false to train it untagged)")
+        tag_ids: tuple[int, ...] = ()
+    else:
+        if not isinstance(tags, (list, dict)):
+            raise ValueError(f"'tags' must be a list of tag names or a {{level: [names]}} mapping, got {tags!r}")
+        try:
+            tag_ids = tuple(sorted(set(schema.encode(tags))))
+        except (TagSchemaError, TypeError) as err:
+            raise ValueError(str(err).rstrip(".")) from None
+        if require_tags and not tag_ids:
+            raise ValueError("its 'tags' are empty (annotate it, or set require_tags: false to train it untagged)")
+    task = row.get("task")
+    if task is not None and (not isinstance(task, str) or not task):
+        raise ValueError(f"'task' must be a non-empty string, got {task!r}")
+    try:
+        size = probe_size(target)
+    except ImageReadError as err:
+        raise ValueError(f"target image '{row['target']}' {err}") from None
+    return ManifestRow(
+        manifest, line, instruction, target, source, mask, tag_ids, task_of(task, tag_ids, schema), size,
+        split_hash(instruction, row["target"]),
+    )
+
+
+def read_manifest(path: str | Path, schema: TagSchema, require_tags: bool = True) -> tuple[list[ManifestRow], list[BadRow]]:
+    """All good rows of a manifest, and the bad ones with their problem (the caller raises or skips)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"Manifest '{path}' does not exist; pass the path of a JSONL file (one sample per line).")
+    rows, bad = [], []
+    for n, text in enumerate(path.read_text().splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            rows.append(parse_row(json.loads(text), path, n, schema, require_tags))
+        except json.JSONDecodeError as err:
+            bad.append(BadRow(f"{path} line {n}", f"not valid JSON ({err.msg})"))
+        except ValueError as err:
+            bad.append(BadRow(f"{path} line {n}", str(err)))
+    return rows, bad
