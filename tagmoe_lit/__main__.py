@@ -1,6 +1,34 @@
-"""`python -m tagmoe_lit {fit,validate,test,predict} --config experiments/base.yaml`."""
+"""`python -m tagmoe_lit {fit,validate,test,predict,annotate,cache} …`.
 
-from tagmoe_lit.cli import main
+LightningCLI looks every subcommand up on the Trainer, so the kit's own subcommands are dispatched
+here first and the rest go to `TagMoECLI`:
+
+- `annotate`: tag a JSONL manifest (rules or a local Qwen2.5-VL), or compare two annotations
+  (`tagmoe_lit/tags/annotators/run.py`);
+- `cache`: fill the text-embedding and latent caches for a manifest config ahead of training
+  (`tagmoe_lit/data/build_cache.py`).
+"""
+
+import sys
+
+
+def run(argv: list[str] | None = None) -> object:
+    """Dispatch `argv` (default: the command line) to the kit's subcommands or to LightningCLI."""
+    given = argv is not None
+    argv = argv if given else sys.argv[1:]
+    command, rest = (argv[0], argv[1:]) if argv else (None, [])
+    if command == "annotate":
+        from tagmoe_lit.tags.annotators.run import main as annotate
+
+        return annotate(rest)
+    if command == "cache":
+        from tagmoe_lit.data.build_cache import main as cache
+
+        return cache(rest)
+    from tagmoe_lit.cli import main
+
+    return main(argv if given else None)  # None: LightningCLI reads sys.argv itself (and does not warn)
+
 
 if __name__ == "__main__":
-    main()
+    run()
