@@ -149,6 +149,12 @@ def test_compare_reports_per_level_scores_and_confusion(synth_manifests, tmp_pat
     assert report.levels["type"].f1 == 1.0 and report.exact == 13
     assert report.confusion["scope"]["local editing", "global editing"] == 1
     assert "confusion 'scope'" in printed and "precision" in printed
+    rows[0]["tags"] = ["cat editing"]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"rules.jsonl line 1: Unknown tag 'cat editing'.*same schema"):
+        run(["annotate", "--compare", str(truth), str(out), "--schema", "synthtag"])
+    with pytest.raises(ValueError, match=r"bare.jsonl line 1 has no 'tags'; both manifests must be annotated"):
+        run(["annotate", "--compare", str(bare), str(truth), "--schema", "synthtag"])
 
 
 def test_agreement_confusion_counts_missing_and_extra_tags():

@@ -66,7 +66,7 @@ def test_batches_follow_the_synthtag_contract_one_size_per_batch(manifests):
 
 def test_training_order_resumes_by_global_batch_and_splits_ranks_and_workers(manifests):
     dm = _dm(manifests, batch_size=3)
-    load, split = dm._loader(train=True), dm.split
+    load, split = dm.row_loader(train=True), dm.split
     rows = [dm.rows[i] for i in split.train]
 
     def indices(n, seed=0, workers=0, **kw):

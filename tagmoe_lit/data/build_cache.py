@@ -26,7 +26,7 @@ def build_caches(
     """Encode every row once; returns {"rows", "text_entries", "codec_entries"} (entries now in each cache)."""
     from tqdm.auto import tqdm
 
-    load = datamodule._loader(train=False)
+    load = datamodule.row_loader(train=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if codec is not None:
         codec.to(device)

@@ -93,7 +93,8 @@ def parse_row(row, manifest: Path, line: int, schema: TagSchema, require_tags: b
     instruction = row.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
         raise ValueError(f"'instruction' must be a non-empty string, got {instruction!r}")
-    problem = (row.get("annotation") or {}).get("problem") if isinstance(row.get("annotation"), dict) else None
+    annotation = row.get("annotation")
+    problem = annotation.get("problem") if isinstance(annotation, dict) else None
     if problem:
         raise ValueError(f"the annotator flagged it ({problem})")
     if "target" not in row:

@@ -257,13 +257,14 @@ class ManifestDataModule(L.LightningDataModule):
         self._load()
 
     # -- loaders ---------------------------------------------------------------------------------
-    def _loader(self, train: bool) -> _RowLoader:
+    def row_loader(self, train: bool) -> _RowLoader:
+        """Row → sample dict as the loaders produce it (`train`: with tag noise)."""
         noise = self.tag_noise if train else 0.0
         return _RowLoader(self.schema, self.task_names, self.buckets, self.on_bad_sample == "skip", noise, self.seed)
 
     def _fixed(self, indices: list[int]) -> DataLoader:
         rows = [self.rows[i] for i in indices]
-        batches = ManifestBatches(rows, indices, self._loader(train=False), self.eval_batch_size)
+        batches = ManifestBatches(rows, indices, self.row_loader(train=False), self.eval_batch_size)
         return DataLoader(batches, batch_size=None, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
@@ -272,7 +273,7 @@ class ManifestDataModule(L.LightningDataModule):
         if trainer is not None:  # continue where the restored global step left off
             start = trainer.global_step * trainer.accumulate_grad_batches
             rank, world = trainer.global_rank, trainer.world_size
-        split, load = self.split, self._loader(train=True)
+        split, load = self.split, self.row_loader(train=True)
         rows = [self.rows[i] for i in split.train]
         schedule = BucketSchedule([load.bucket(r) for r in rows], split.train_weights, self.batch_size, self.seed)
         stream = ManifestStream(rows, split.train, load, schedule, start, rank, world)

@@ -31,7 +31,7 @@ from typing import Any
 from tagmoe_lit.tags.annotators.agreement import AgreementReport, agreement
 from tagmoe_lit.tags.annotators.answer_cache import content_key
 from tagmoe_lit.tags.annotators.base import AnnotationRequest, Annotator
-from tagmoe_lit.tags.schema import TagSchema
+from tagmoe_lit.tags.schema import TagSchema, TagSchemaError
 
 
 class ManifestRowError(ValueError):
@@ -151,20 +151,23 @@ def annotate_manifest(
 def compare_manifests(reference: str | Path, candidate: str | Path, schema: TagSchema) -> tuple[AgreementReport, int, int]:
     """Agreement of `candidate`'s tags with `reference`'s on the rows both have; also (unmatched ref, unmatched cand)."""
     ref_rows, cand_rows = read_rows(reference), read_rows(candidate)
-    pool: dict[str, list[dict]] = {}
-    for _, row in cand_rows:
-        pool.setdefault(row_key(row), []).append(row)
+    pool: dict[str, list[tuple[int, dict]]] = {}
+    for n, row in cand_rows:
+        pool.setdefault(row_key(row), []).append((n, row))
     ref_tags, cand_tags, missing = [], [], 0
     for n, row in ref_rows:
         match = pool.get(row_key(row))
         if not match:
             missing += 1
             continue
-        other = match.pop(0)
-        for path, r, line in ((reference, row, n), (candidate, other, None)):
+        m, other = match.pop(0)
+        for path, r, line in ((reference, row, n), (candidate, other, m)):
             if "tags" not in r:
-                where = f"line {line}" if line else f"the row matching {reference} line {n}"
-                raise ManifestRowError(f"{path} {where} has no 'tags'; both manifests must be annotated to compare them.")
+                raise ManifestRowError(f"{path} line {line} has no 'tags'; both manifests must be annotated to compare them.")
+            try:
+                schema.encode(r["tags"])
+            except (TagSchemaError, TypeError) as err:
+                raise ManifestRowError(f"{path} line {line}: {str(err).rstrip('.')}; compare manifests tagged with the same schema.") from None
         ref_tags.append(row["tags"])
         cand_tags.append(other["tags"])
     extra = sum(len(v) for v in pool.values())
