@@ -109,6 +109,7 @@ def test_annotate_adds_tags_and_raw_answers_and_resumes_after_a_kill(synth_manif
     rows = [json.loads(line) for line in full.read_text().splitlines()]
     assert [r["tags"] for r in rows] == [SYNTH.decode(SYNTH.encode(json.loads(t)["tags"])) for t in truth.read_text().splitlines()]
     assert all(r["annotation"]["annotator"] == "rule" and r["annotation"]["raw"] and r["annotation"]["problem"] is None for r in rows)
+    assert all((full.parent / r["target"]).is_file() for r in rows)  # paths rewritten for the output's folder
     # a run killed after 7 whole rows and half of the 8th: the rerun cuts the torn line and adds the rest once
     killed = tmp_path / "killed.jsonl"
     lines = full.read_text().splitlines(keepends=True)

@@ -6,7 +6,10 @@
     python -m tagmoe_lit annotate --compare truth.jsonl out.jsonl --schema synthtag
 
 Each output row is the input row with `tags` ({level: [names]}, replacing any tags it had) and
-`annotation` ({annotator, raw answer, problem}) added. Rows are written in input order, a chunk at
+`annotation` ({annotator, raw answer, problem}) added. Image paths stay as they are when the output
+sits in the input's folder; elsewhere they are rewritten relative to the output's folder, so the
+output is a valid manifest wherever it is (the training split hashes the target path as written,
+so keep the output beside the input to keep the split). Rows are written in input order, a chunk at
 a time: each chunk is appended in one write and flushed to disk. Re-running the same command after
 an interruption skips the rows already in the output (matched by instruction, source and target;
 duplicates counted) and cuts off a torn last line left by a kill mid-write. Appending, rather than
@@ -38,9 +41,22 @@ class ManifestRowError(ValueError):
     """A manifest line cannot be annotated; the message names the file, the line and the fix."""
 
 
-def row_key(row: dict) -> str:
-    """Identity of a row across annotation runs: its instruction, source(s) and target."""
-    return content_key(json.dumps([row.get("instruction"), row.get("source"), row.get("target")], sort_keys=True))
+_PATH_KEYS = ("source", "target", "mask")
+
+
+def _moved(value, old: Path, new: Path):
+    """A row's path value (str, list of str, other) re-expressed from folder `old` to folder `new`."""
+    if isinstance(value, list):
+        return [_moved(v, old, new) for v in value]
+    if isinstance(value, str) and not os.path.isabs(value):
+        return os.path.relpath(os.path.normpath(os.path.join(os.path.abspath(old), value)), os.path.abspath(new))
+    return value
+
+
+def row_key(row: dict, folder: Path) -> str:
+    """Identity of a row across files: its instruction, and its source(s) and target resolved from the file's folder."""
+    paths = [_moved(row.get(k), folder, Path("/")) for k in ("source", "target")]
+    return content_key(json.dumps([row.get("instruction"), *paths], sort_keys=True))
 
 
 def read_rows(path: str | Path) -> list[tuple[int, dict]]:
@@ -78,7 +94,7 @@ def _done_rows(out: Path) -> Counter:
     for n, line in enumerate(data[:keep].decode().splitlines(), 1):
         if line.strip():
             try:
-                done[row_key(json.loads(line))] += 1
+                done[row_key(json.loads(line), out.parent)] += 1
             except json.JSONDecodeError:
                 raise ManifestRowError(
                     f"{out} line {n} is not valid JSON, so the run cannot resume from it; delete the file or fix the line."
@@ -115,12 +131,13 @@ def annotate_manifest(
     done = _done_rows(out)
     todo = []
     for n, row in rows:
-        key = row_key(row)
+        key = row_key(row, manifest.parent)
         if done[key] > 0:
             done[key] -= 1
         else:
             todo.append((n, row))
     out.parent.mkdir(parents=True, exist_ok=True)
+    relocate = out.parent.resolve() != manifest.parent.resolve()
     flagged: list[tuple[int, str]] = []
     start = time.perf_counter()
     with open(out, "a") as f, tqdm(total=len(rows), initial=len(rows) - len(todo), unit="row", disable=not progress, desc="annotate") as bar:
@@ -129,6 +146,8 @@ def annotate_manifest(
             requests = [AnnotationRequest(row["instruction"], _sources(row, manifest.parent), f"{manifest} line {n}") for n, row in chunk]
             lines = []
             for (n, row), ann in zip(chunk, annotator.annotate(requests)):
+                if relocate:
+                    row = {k: _moved(v, manifest.parent, out.parent) if k in _PATH_KEYS else v for k, v in row.items()}
                 record = {**row, "tags": ann.tags, "annotation": {"annotator": annotator.name, "raw": ann.raw, "problem": ann.problem}}
                 lines.append(json.dumps(record) + "\n")
                 if ann.problem:
@@ -153,10 +172,10 @@ def compare_manifests(reference: str | Path, candidate: str | Path, schema: TagS
     ref_rows, cand_rows = read_rows(reference), read_rows(candidate)
     pool: dict[str, list[tuple[int, dict]]] = {}
     for n, row in cand_rows:
-        pool.setdefault(row_key(row), []).append((n, row))
+        pool.setdefault(row_key(row, Path(candidate).parent), []).append((n, row))
     ref_tags, cand_tags, missing = [], [], 0
     for n, row in ref_rows:
-        match = pool.get(row_key(row))
+        match = pool.get(row_key(row, Path(reference).parent))
         if not match:
             missing += 1
             continue
