@@ -92,6 +92,8 @@ class SynthTAGSplit(Dataset):
 class SynthTAGDataModule(L.LightningDataModule):
     """The embedded default data: procedurally generated editing + generation tasks with exact targets."""
 
+    exact_targets = True  # targets and masks are exact: `test` may score sampled edits against them
+
     def __init__(
         self,
         image_size: int = 32,
