@@ -25,9 +25,10 @@ def wide_manifest(root: Path, n: int = 9, seed: int = 1) -> Path:
         row = {"instruction": a.instruction, "target": f"images/{i}_t.png", "tags": a.tags, "task": a.task}
         write_png(torch.cat([a.target, b.target], dim=2), str(out / row["target"]))
         if a.source is not None:
-            row["source"] = [f"images/{i}_s.png", "images/unused_second_source.png"]  # the first source is used
+            row["source"] = [f"images/{i}_s.png", f"images/{i}_s2.png"]  # only the first source is used
             write_png(torch.cat([a.source, b.target], dim=2), str(out / row["source"][0]))
+            write_png(torch.cat([b.target, a.source], dim=2), str(out / row["source"][1]))
         lines.append(json.dumps(row))
     manifest = out / "manifest.jsonl"
-    manifest.write_text("\n".join(lines) + "\n")
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return manifest

@@ -10,6 +10,7 @@ import torch
 
 from tagmoe_lit.__main__ import run
 from tagmoe_lit.data.export import export_synthtag
+from tagmoe_lit.data.manifest import read_manifest
 from tagmoe_lit.data.synthtag import TASKS, SynthTAG
 from tagmoe_lit.tags import TagSchema, TagSchemaError
 from tagmoe_lit.tags.annotators import (
@@ -21,6 +22,7 @@ from tagmoe_lit.tags.annotators import (
     build_prompt,
     parse_answer,
 )
+from tagmoe_lit.tags.annotators.run import ManifestRowError, annotate_manifest
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
 SYNTH = TagSchema.load("synthtag")
@@ -118,6 +120,79 @@ def test_annotate_adds_tags_and_raw_answers_and_resumes_after_a_kill(synth_manif
     assert (resumed.annotated, resumed.resumed) == (7, 7)
     assert killed.read_text() == full.read_text()
     assert _annotate(bare, killed).annotated == 0  # finished: nothing left to do
+
+
+def test_annotating_into_another_folder_keeps_the_training_split(synth_manifests, tmp_path):
+    truth, bare = synth_manifests
+    out = tmp_path / "elsewhere" / "deeper" / "out.jsonl"
+    _annotate(bare, out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["target"].startswith("../") and r["split_key"] == r["target"].split("synth0/")[-1] for r in rows), rows[0]
+    before, _ = read_manifest(truth, SYNTH)
+    after, bad = read_manifest(out, SYNTH)
+    assert not bad and [r.split_hash for r in after] == [r.split_hash for r in before]
+    beside = truth.parent / "beside.jsonl"  # beside the input nothing moves, so no split_key is needed
+    _annotate(bare, beside)
+    assert all("split_key" not in json.loads(line) for line in beside.read_text().splitlines())
+
+
+def test_resume_matches_rows_however_their_paths_are_spelled(synth_manifests, tmp_path):
+    _, bare = synth_manifests
+    out = tmp_path / "out.jsonl"
+    _annotate(bare, out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for i, r in enumerate(rows):  # absolute paths, "./" and doubled slashes, a one-path source list
+        absolute = {k: str((out.parent / r[k]).resolve()) for k in ("target", "source") if k in r}
+        r.update(absolute if i % 3 == 0 else {k: "./" + v.replace("/", "//") for k, v in r.items() if k in ("target", "source")})
+        if i % 3 == 2 and "source" in r:
+            r["source"] = [r["source"]]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = _annotate(bare, out)
+    assert (summary.resumed, summary.annotated) == (14, 0)
+
+
+def test_resume_refuses_an_output_of_another_annotator_or_schema(synth_manifests, tmp_path):
+    _, bare = synth_manifests
+    out = tmp_path / "out.jsonl"
+    _annotate(bare, out)
+    with pytest.raises(ValueError, match=r"out.jsonl line 1 was annotated by 'rule' with schema 'synthtag' \(fingerprint \w+\), "
+                       r"but this run annotates with 'rule' with schema 'official18' .*write to a new --out file"):
+        run(["annotate", "--manifest", str(bare), "--out", str(out), "--schema", "official18", "--no-progress"])
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:3] + [json.dumps({k: v for k, v in json.loads(lines[3]).items() if k != "annotation"})]) + "\n")
+    with pytest.raises(ValueError, match=r"out.jsonl line 4 was annotated by None with schema None"):
+        _annotate(bare, out)
+
+
+class _Recorder:
+    """An annotator that records its requests and answers `keep` of them (all when None)."""
+
+    name = "recorder"
+    schema = SYNTH
+
+    def __init__(self, keep: int | None = None):
+        self.keep, self.requests = keep, []
+
+    def annotate(self, requests):
+        self.requests += requests
+        return RuleAnnotator(SYNTH).annotate(requests)[: self.keep]
+
+
+def test_annotate_shows_the_source_training_uses_and_refuses_short_answers(tmp_path):
+    manifest = tmp_path / "in.jsonl"
+    rows = [
+        {"instruction": "remove the red circle", "target": "t.png", "source": ["s.png", "second.png"]},
+        {"instruction": "a red circle on a blue background", "target": "t.png", "source": []},
+        {"instruction": "make the image brighter", "target": "t.png", "source": "s.png"},
+    ]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recorder = _Recorder()
+    annotate_manifest(manifest, tmp_path / "out.jsonl", recorder, progress=False)
+    assert [r.sources for r in recorder.requests] == [(tmp_path / "s.png",), (), (tmp_path / "s.png",)]
+    with pytest.raises(ManifestRowError, match=r"Annotator 'recorder' returned 2 annotations for 3 rows \(.*in.jsonl lines 1-3\); "
+                       r"an annotator must return one per request"):
+        annotate_manifest(manifest, tmp_path / "short.jsonl", _Recorder(keep=2), progress=False)
+    assert not (tmp_path / "short.jsonl").read_text()  # nothing half-written
 
 
 def test_annotate_warns_once_about_flagged_rows_and_refuses_bad_input(tmp_path):
@@ -235,6 +310,12 @@ def test_qwen_vl_retries_invalid_answers_with_the_reason_then_flags(tmp_path, mo
     assert "That answer is invalid: the answer contains no JSON object" in seen[1][0][0]  # the retry says why
     monkeypatch.setattr(annotator, "_generate", lambda *a: pytest.fail("a cached answer was generated again"))
     assert annotator.annotate(requests) == first
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    unreadable = [AnnotationRequest("remove the cat", (tmp_path / "missing.png",)), AnnotationRequest("remove it", (tmp_path / "broken.png",))]
+    flagged = annotator.annotate([*unreadable, requests[0]])  # a bad file flags its row; the others are still answered
+    assert [a.problem is not None for a in flagged] == [True, True, False] and flagged[2] == first[0]
+    assert flagged[0].problem.startswith(f"source image '{tmp_path / 'missing.png'}' cannot be read (FileNotFoundError")
+    assert "broken.png' cannot be read" in flagged[1].problem and flagged[1].tags == {"scope": [], "type": [], "preservation": []}
     with pytest.raises(ValueError, match="is not a local model folder with a config.json"):
         QwenVLAnnotator(SYNTH, str(tmp_path / "missing"))
 

@@ -1,5 +1,7 @@
 """Disk caches keyed by content hash: exact reuse across instances, atomic files, and `python -m tagmoe_lit cache`."""
 
+import os
+
 import pytest
 import torch
 
@@ -8,6 +10,8 @@ from tagmoe_lit.__main__ import run
 from tagmoe_lit.backbone import FrozenTextEncoder, PixelCodec
 from tagmoe_lit.data import CachedCodec, CachedTextEncoder
 from tagmoe_lit.data.tensor_cache import TensorCache, tensor_key
+from tagmoe_lit.io import atomic_write_bytes, atomic_write_text, relative_path
+from tagmoe_lit.tags.annotators.answer_cache import folder_fingerprint
 from test_configs import BASE
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
@@ -22,6 +26,35 @@ def test_tensor_cache_round_trips_exactly_and_leaves_no_temporary_files(tmp_path
     assert torch.equal(cache.get(key), x) and len(cache) == 1
     assert not list(tmp_path.rglob("*.tmp"))
     assert len({tensor_key(x), tensor_key(x.double()), tensor_key(x.view(7, 5)), tensor_key(x + 1e-7)}) == 4
+
+
+def test_atomic_writes_replace_whole_files_and_clean_up_after_a_failure(tmp_path, monkeypatch):
+    path = tmp_path / "new" / "folder" / "report.md"
+    atomic_write_text(path, "héllo ✓\n")
+    assert path.read_bytes() == "héllo ✓\n".encode("utf-8")  # UTF-8 whatever the locale, parents created
+    atomic_write_bytes(path, b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(path, "never seen")
+    assert path.read_bytes() == b"\x00\x01" and os.listdir(path.parent) == ["report.md"]  # old file kept, no temporary left
+    assert relative_path("./images//a.png", tmp_path) == relative_path(str(tmp_path / "images" / "a.png"), tmp_path) == "images/a.png"
+
+
+def test_folder_fingerprint_notices_a_large_file_rewritten_with_the_same_size(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"a" * (1 << 20))  # large: hashed by name, size and mtime, not read
+    os.utime(weights, ns=(1_000_000_000, 1_000_000_000))
+    before = folder_fingerprint(tmp_path)
+    assert folder_fingerprint(tmp_path) == before
+    weights.write_bytes(b"b" * (1 << 20))
+    os.utime(weights, ns=(2_000_000_000, 2_000_000_000))
+    assert folder_fingerprint(tmp_path) != before
 
 
 def test_cached_text_encoder_serves_a_new_instance_from_disk_bit_for_bit(tmp_path, monkeypatch):
@@ -48,6 +81,16 @@ def test_cached_codec_encodes_each_image_once_per_codec(tmp_path, monkeypatch):
     assert CachedCodec(PixelCodec(patch=2), str(tmp_path)).store.root != cached.store.root
     tokens = cached.encode(images)
     assert torch.equal(cached.decode(tokens, 4, 4), PixelCodec(patch=4).decode(tokens, 4, 4))
+
+
+def test_cached_codec_keys_images_by_value_not_dtype(tmp_path, monkeypatch):
+    images = torch.rand(2, 3, 16, 16).bfloat16().float()  # float32 values that bfloat16 holds exactly
+    built = CachedCodec(PixelCodec(patch=4), str(tmp_path))
+    tokens = built.encode(images)  # as the cache command does: float32 images
+    bf16 = CachedCodec(PixelCodec(patch=4), str(tmp_path))
+    monkeypatch.setattr(bf16.codec, "encode", lambda x: pytest.fail("a bfloat16 image missed its float32 entry"))
+    served = bf16.encode(images.bfloat16())
+    assert served.dtype == torch.bfloat16 and torch.equal(served, tokens.bfloat16())  # in the input's dtype
 
 
 def test_cache_command_fills_both_caches_from_a_fit_config(tmp_path):

@@ -2,6 +2,9 @@
 weights, bad rows (error naming file and line, or skip with a count), and a 2-step fit through the CLI."""
 
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -38,6 +41,17 @@ def test_buckets_keep_sides_multiples_of_16_and_fit_images_without_stretching():
     assert torch.equal(fit_to_bucket(image, (4, 4)), image[:, :, 2:6])
     with pytest.raises(ValueError, match=r"max_area 100 must be at least multiple² = 256"):
         aspect_buckets(100)
+
+
+@pytest.mark.parametrize("max_area, multiple, max_aspect", [(512 * 512, 16, 2.0), (768 * 768, 32, 3.0), (2048, 16, 2.0), (1024 * 1024, 64, 1.5)])
+def test_buckets_are_mirror_symmetric_so_portrait_and_landscape_get_the_same_shapes(max_area, multiple, max_aspect):
+    buckets = aspect_buckets(max_area, multiple, max_aspect)
+    assert set(buckets) == {(w, h) for h, w in buckets} and buckets == sorted(set(buckets))
+    assert all(h % multiple == w % multiple == 0 and h * w <= max_area and max(h / w, w / h) <= max_aspect for h, w in buckets)
+    for h, w in [(900, 500), (500, 900), (333, 777), (777, 333)]:  # an image and its transpose go to transposed buckets
+        assert nearest_bucket(h, w, buckets) == nearest_bucket(w, h, buckets)[::-1]
+    if max_area == 512 * 512:
+        assert (688, 368) in buckets and (368, 688) in buckets  # rounding down per height alone only had the first
 
 
 def test_batches_follow_the_synthtag_contract_one_size_per_batch(manifests):
@@ -95,6 +109,70 @@ def test_split_is_stable_when_rows_are_reordered_or_annotated(manifests, tmp_pat
     assert len(_dm([square], val_fraction=0.3, val_samples=2).split.val) == 2
     val = list(_dm([square], val_fraction=0.3).val_dataloader())
     assert sum(len(b["index"]) for b in val) == len(a.split.val)
+
+
+def test_split_does_not_depend_on_how_the_target_path_is_spelled(manifests):
+    square, _ = manifests
+    rows = [json.loads(line) for line in square.read_text().splitlines()]
+    spellings = [lambda t: str(square.parent / t), lambda t: "./" + t.replace("/", "//"), lambda t: f"images/../{t}"]
+    spelled = square.parent / "spelled.jsonl"  # beside the images, every row's target written another way
+    spelled.write_text("".join(json.dumps({**r, "target": spellings[i % 3](r["target"])}) + "\n" for i, r in enumerate(rows)))
+    a, b = _dm([square], val_fraction=0.3), _dm([spelled], val_fraction=0.3)
+    assert [r.split_hash for r in a.rows] == [r.split_hash for r in b.rows] and a.split == b.split
+    keyed = square.parent / "keyed.jsonl"  # an explicit split_key replaces the target path in the hash
+    keyed.write_text("".join(json.dumps({**r, "split_key": r["target"] if i else "elsewhere"}) + "\n" for i, r in enumerate(rows)))
+    c = _dm([keyed], val_fraction=0.3)
+    assert c.rows[0].split_hash != a.rows[0].split_hash and [r.split_hash for r in c.rows[1:]] == [r.split_hash for r in a.rows[1:]]
+
+
+def test_val_samples_keeps_the_lowest_hashes_from_every_manifest(manifests):
+    dm = _dm(manifests, val_fraction=0.6, val_samples=5)
+    full = _dm(manifests, val_fraction=0.6)
+    lowest = sorted(full.split.val, key=lambda i: full.rows[i].split_hash)[:5]
+    assert dm.split.val == sorted(lowest) == dm.split.test  # positions in row order; test defaults to the capped validation
+    assert {dm.rows[i].manifest for i in dm.split.val} == set(manifests)  # not just the first manifest's first rows
+    assert set(dm.split.val) <= set(full.split.val) and not set(dm.split.val) & set(dm.split.train)
+    with pytest.raises(ValueError, match=r"val_samples must be at least 0"):
+        _dm(manifests, val_samples=-1)
+
+
+def test_an_empty_source_list_means_no_source_and_only_the_first_source_is_used(manifests, tmp_path):
+    _, wide = manifests
+    rows = [json.loads(line) for line in wide.read_text().splitlines()]
+    listed = next(r for r in rows if isinstance(r.get("source"), list))
+    assert (wide.parent / listed["source"][1]).is_file()  # the helper's second source exists, yet is not read
+    path = wide.parent / "empty_source.jsonl"
+    path.write_text(json.dumps({**listed, "source": []}) + "\n" + json.dumps(listed) + "\n")
+    dm = _dm([path], val_fraction=0.0)
+    assert dm.rows[0].source is None and dm.rows[1].source == wide.parent / listed["source"][0]
+
+
+def test_text_files_are_read_and_written_as_utf8_whatever_the_locale(manifests, tmp_path):
+    square, _ = manifests
+    rows = [json.loads(line) for line in square.read_text().splitlines()[:2]]
+    for r in rows:
+        r.update({k: str(square.parent / r[k]) for k in ("target", "source") if k in r})
+    rows[0]["instruction"] = "make the red circle blue — très bien\u2028merci"  # U+2028 must not end the line
+    manifest = tmp_path / "utf8.jsonl"
+    manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text("- instruction: un cercle rouge, s'il vous plaît\n  name: cafe\n", encoding="utf-8")
+    script = (
+        "import sys; from tagmoe_lit.data.manifest import read_manifest; from tagmoe_lit.data.prompts import PromptListDataset;"
+        "from tagmoe_lit.tags import TagSchema; from tagmoe_lit.tags.annotators.run import main;"
+        "rows, bad = read_manifest(sys.argv[1], TagSchema.load('synthtag')); assert not bad and len(rows) == 2, bad;"
+        "assert rows[0].instruction.endswith('tr\\u00e8s bien\\u2028merci');"  # the command line itself stays ASCII
+        "assert PromptListDataset(sys.argv[2], 32, 'synthtag').items[0]['instruction'].endswith('pla\\u00eet');"
+        "main(['--manifest', sys.argv[1], '--out', sys.argv[3], '--no-progress']);"
+        "assert main(['--manifest', sys.argv[1], '--out', sys.argv[3], '--no-progress']).resumed == 2"
+    )
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}  # an ASCII locale
+    done = subprocess.run([sys.executable, "-c", script, str(manifest), str(prompts), str(tmp_path / "out.jsonl")],
+                          env=env, capture_output=True, text=True, encoding="utf-8")
+    assert done.returncode == 0, done.stderr[-2000:]
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps({**rows[1], "instruction": "ajout\xe9"}, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(ManifestError, match=r"latin1.jsonl is not UTF-8 text \(bad byte at offset \d+\); save it as UTF-8"):
+        _dm([tmp_path / "latin1.jsonl"]).setup("fit")
 
 
 def test_manifests_mix_by_weight_whatever_their_size(manifests):
@@ -194,4 +272,4 @@ def test_a_manifest_yaml_fits_two_steps_through_the_cli_with_two_buckets(manifes
     ])
     assert isinstance(cli.datamodule, ManifestDataModule) and cli.trainer.global_step == 2
     assert cli.datamodule.batch_size == 4 and cli.model.schema.fingerprint == cli.datamodule.schema.fingerprint
-    assert cli.datamodule.buckets == [(32, 64), (48, 32), (64, 32)]
+    assert cli.datamodule.buckets == [(32, 48), (32, 64), (48, 32), (64, 32)]

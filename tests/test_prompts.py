@@ -54,6 +54,11 @@ def test_items_follow_the_batch_contract(prompt_files):
         ('{"instruction": "x", "name": "../etc"}\n', r"line 1: 'name' '../etc' is not a safe file stem"),
         ('{"instruction": "x"}\n{"instruction"\n', r"prompts.jsonl line 2 is not valid JSON"),
         ("\n", r"has no entries"),
+        ('{"instruction": "x", "source": 5}\n', r"line 1: 'source' must be a path or a list of paths, got 5"),
+        ('{"instruction": "x", "name": "a"}\n{"instruction": "y", "name": "a"}\n',
+         r"prompts.jsonl line 2: name 'a' is also the name of .*prompts.jsonl line 1; give every entry a distinct 'name'"),
+        ('{"instruction": "x", "name": "00002"}\n{"instruction": "y"}\n{"instruction": "z"}\n',  # the third's default name
+         r"prompts.jsonl line 3: name '00002' is also the name of .*prompts.jsonl line 1; .*named by its row number"),
     ],
 )
 def test_bad_prompt_lists_say_which_entry_and_what_is_wrong(tmp_path, body, message):
@@ -61,6 +66,25 @@ def test_bad_prompt_lists_say_which_entry_and_what_is_wrong(tmp_path, body, mess
     path.write_text(body)
     with pytest.raises(PromptListError, match=message):
         PromptListDataset(path, 32, "synthtag")
+
+
+def test_an_empty_source_list_means_no_source_as_in_manifests(tmp_path):
+    path = tmp_path / "prompts.yaml"
+    path.write_text("- instruction: a blue square\n  source: []\n- instruction: a red circle\n  source: null\n")
+    items = PromptListDataset(path, 32, "synthtag")
+    assert [item["has_source"] for item in items] == [False, False] and items[0]["target"].shape == (3, 32, 32)
+
+
+def test_manifest_prompt_buckets_use_the_configured_bucket_multiple(prompt_files, tmp_path):
+    write_png(torch.full((3, 40, 56), 50, dtype=torch.uint8), str(tmp_path / "in" / "five_by_seven.png"))
+    path = tmp_path / "in" / "prompts.jsonl"
+    path.write_text('{"instruction": "make it blue", "source": "five_by_seven.png"}\n{"instruction": "a red circle"}\n')
+    dm = ManifestDataModule([str(square_manifest(tmp_path))], max_area=96 * 96, bucket_multiple=32, predict_file=str(path))
+    sizes = {tuple(b["target"].shape[-2:]) for b in dm.predict_dataloader()}
+    assert sizes == {(96, 96)}  # multiples of 32: 5:7 is nearest square (multiples of 16 would have given 80×112)
+    assert PromptListDataset(path, 96, "synthtag")[0]["target"].shape == (3, 80, 112)
+    with pytest.raises(ValueError, match=r"image_size \(40\) to be a multiple of the bucket multiple \(16\)"):
+        PromptListDataset(prompt_files[0], 40, "synthtag", multiple=16)
 
 
 def test_predict_file_replaces_the_test_split_in_both_data_modules(prompt_files, tmp_path):

@@ -13,12 +13,16 @@
 `CachedTextEncoder` is `FrozenTextEncoder` whose per-instruction features (encoded alone, as
 always) are also stored under a hash of the text, in a folder named by a fingerprint of the model
 folder and `max_length`. `CachedCodec` encodes each image of a batch alone and stores its tokens
-under a hash of the image tensor's bytes, in a folder named by a hash of the wrapped codec's
-structure, plain settings (e.g. `patch`), parameters and buffers. Manifest images are fitted
-deterministically (no random crops), so a row gives the same bytes every epoch and run, and hits
-the cache. A stored tensor is returned
-exactly, so the cache does not change training; only the first computation of an entry happens
-on whatever device met it first. `python -m tagmoe_lit cache` fills both ahead of training.
+under a hash of the image's float32 values (shape and values, not its dtype), in a folder named by
+a hash of the wrapped codec's structure, plain settings (e.g. `patch`), parameters and buffers
+(their dtype included). Manifest images are fitted deterministically (no random crops), so a row
+gives the same values every epoch and run, and hits the cache. Keying on float32 values means an
+image handed over in bfloat16 or float16 finds the entry of the float32 image with the same values
+(the `cache` command encodes float32 images) instead of silently missing it; such an entry was
+computed from the float32 image and is returned cast to the input's dtype. Otherwise a stored
+tensor is returned exactly, so the cache does not change training; only the first computation of
+an entry happens on whatever device met it first. `python -m tagmoe_lit cache` fills both ahead
+of training.
 """
 
 from __future__ import annotations
@@ -115,12 +119,12 @@ class CachedCodec(nn.Module):
     def encode(self, images_B3HW: torch.Tensor) -> torch.Tensor:
         tokens = []
         for image in images_B3HW:
-            key = tensor_key(image)
+            key = tensor_key(image.float())  # the values, whatever the dtype they arrive in (module doc)
             cached = self.store.get(key)
             if cached is None:
                 cached = self.codec.encode(image[None])[0]
                 self.store.put(key, cached)
-            tokens.append(cached.to(images_B3HW.device))
+            tokens.append(cached.to(images_B3HW.device, images_B3HW.dtype))
         return torch.stack(tokens)
 
     def decode(self, tokens_BTP: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Sequence
 from torchvision.io import write_png
 
 from tagmoe_lit.data.synthtag import SynthTAG
+from tagmoe_lit.io import atomic_write_text
 
 
 def export_synthtag(
@@ -49,5 +50,5 @@ def export_synthtag(
         row["task"] = s.task
         lines.append(json.dumps(row))
     manifest = out / manifest_name
-    manifest.write_text("\n".join(lines) + "\n")
+    atomic_write_text(manifest, "\n".join(lines) + "\n")
     return manifest

@@ -11,9 +11,11 @@ Rows come from one or more manifests (`manifest.py`), mixed by `weights`: manife
 share weight_m / Σ weights of the training draws, however many rows it has (default: every row
 equally likely). Training batches are drawn by global batch number (`bucket_sampler.py`), so a run
 resumed from a checkpoint continues with the batches a straight run would have seen, on any number
-of ranks and workers. Validation is the rows whose hash falls below `val_fraction` (stable across
-runs, seeds and annotation), at most `val_samples` of them; test is `test_manifests` or, without
-them, the validation rows.
+of ranks and workers. Validation is the rows whose split hash (`manifest.py`) falls below
+`val_fraction` (stable across runs, seeds, reordering and annotation). `val_samples` keeps the
+ones with the lowest hashes, so a capped validation set is drawn from every manifest in proportion
+and grows by adding rows as the cap rises; the validation rows beyond the cap are unused (neither
+trained on nor validated). Test is `test_manifests` or, without them, the (capped) validation rows.
 
 Bad rows — invalid JSON, empty instruction, a missing or unreadable image, a tag outside the
 schema, a row the annotator flagged — stop the run with "<file> line <n>: <problem>" by default.
@@ -165,8 +167,8 @@ class ManifestDataModule(L.LightningDataModule):
             max_area: most pixels per image; buckets are the widest sizes within it per height.
             max_aspect: most extreme aspect ratio of a bucket (longer side / shorter side).
             bucket_multiple: bucket sides are multiples of this (16 for Qwen-Image's VAE and 2×2 packing).
-            val_fraction: fraction of rows (by a stable hash of instruction and target) kept for validation.
-            val_samples: use at most this many validation rows (default: all).
+            val_fraction: fraction of rows (by a stable hash of instruction and target path) kept for validation.
+            val_samples: use at most this many validation rows, those of lowest hash (default: all); the rest are unused.
             test_manifests: manifests for `test` (default: the validation rows).
             predict_file: a prompt list (JSONL or YAML) for `predict` (default: the test rows).
             on_bad_sample: `error` stops at the first bad row naming file and line; `skip` leaves bad rows out with a warning.
@@ -182,13 +184,15 @@ class ManifestDataModule(L.LightningDataModule):
             raise ValueError(f"weights {weights} must give one positive number per manifest ({len(manifests)} manifests).")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+        if val_samples is not None and val_samples < 0:
+            raise ValueError(f"val_samples must be at least 0 (or null for all validation rows), got {val_samples}.")
         if on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}.")
         self.manifests, self.weights = list(manifests), list(weights) if weights is not None else None
         self.schema = TagSchema.load(schema)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.buckets = aspect_buckets(max_area, bucket_multiple, max_aspect)
-        self.max_area, self.bucket_multiple = max_area, bucket_multiple
+        self.max_area, self.bucket_multiple, self.max_aspect = max_area, bucket_multiple, max_aspect
         self.val_fraction, self.val_samples = val_fraction, val_samples
         self.test_manifests, self.predict_file = list(test_manifests or []), predict_file
         self.on_bad_sample, self.require_tags = on_bad_sample, require_tags
@@ -231,7 +235,8 @@ class ManifestDataModule(L.LightningDataModule):
                 f"No row of {self.manifests} falls in validation (val_fraction={self.val_fraction}); validation is empty.", stacklevel=2
             )
         self._task_names = tuple(sorted({r.task for r in rows}))
-        val = val[: self.val_samples] if self.val_samples is not None else val
+        if self.val_samples is not None:  # the lowest hashes: a share of every manifest, not the first manifest's rows
+            val = sorted(sorted(val, key=lambda i: rows[i].split_hash)[: self.val_samples])
         test = list(range(offset, len(rows))) if self.test_manifests else val
         self._split = ManifestSplit(train, weights, val, test)
         self._rows = rows
@@ -288,5 +293,8 @@ class ManifestDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         if self.predict_file is not None:
             side = math.isqrt(self.max_area) // self.bucket_multiple * self.bucket_multiple
-            return prompt_loader(self.predict_file, side, self.schema, self.eval_batch_size, self.num_workers)
+            return prompt_loader(
+                self.predict_file, side, self.schema, self.eval_batch_size, self.num_workers,
+                multiple=self.bucket_multiple, max_aspect=self.max_aspect,
+            )
         return self.test_dataloader()

@@ -4,18 +4,17 @@ Keys hash the *input* (an instruction's text, an image tensor's bytes); a namesp
 the *producer* (which encoder or codec, with which settings and weights), so caches are reused
 across runs and manifests and never mix outputs of different models. Each entry is written to a
 temporary file in its folder and moved into place with `os.replace`: several processes may fill
-the same cache, and a killed run never leaves a half-written file behind.
+the same cache, and a killed run never leaves a half-written file behind (`tagmoe_lit.io`).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from tagmoe_lit.io import atomic_write_bytes
 from tagmoe_lit.tags.annotators.answer_cache import content_key
 
 
@@ -39,16 +38,7 @@ class TensorCache:
         return load_file(str(path))["x"] if path.is_file() else None
 
     def put(self, key: str, x: torch.Tensor) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"x": x.detach().cpu().contiguous()}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(self._path(key), save({"x": x.detach().cpu().contiguous()}))
 
     def __len__(self) -> int:
         return sum(1 for _ in self.root.glob("*/*.safetensors")) if self.root.is_dir() else 0

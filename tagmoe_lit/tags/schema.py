@@ -163,7 +163,7 @@ class TagSchema:
                 f"Tag schema '{name_or_path}' not found: pass one of {shipped_schemas()} "
                 "or the path of a schema YAML file."
             )
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict) or "levels" not in data:
             raise TagSchemaError(f"Tag schema {path}: expected a mapping with keys 'name' and 'levels'.")
         unknown = set(data) - _ALLOWED_KEYS

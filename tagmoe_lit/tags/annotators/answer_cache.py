@@ -3,18 +3,24 @@
 A key hashes everything the answer depends on (the model's fingerprint, the prompt, the
 instruction, the bytes of each input image, generation settings), so the cache is reused across
 runs and manifests and never serves an answer for other inputs. Files go to `root/ab/abcd….json`;
-each is written to a temporary file in the same folder and moved into place with `os.replace`, so
-a killed run never leaves a half-written entry.
+each is written with `tagmoe_lit.io.atomic_write_text` (a temporary file in the same folder moved
+into place), so a killed run never leaves a half-written entry.
+
+`folder_fingerprint` identifies a model folder without reading multi-GB weights: small files by
+their bytes, large ones by name, size and modification time (ns). A checkpoint rewritten in place
+with the same size is therefore noticed; the price is that copying the folder without keeping
+modification times (`cp` without `-p`) or touching a file also changes the fingerprint, which only
+costs recomputing the cache entries, never a wrong one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
+
+from tagmoe_lit.io import atomic_write_text
 
 
 def content_key(*parts: str | bytes) -> str:
@@ -27,25 +33,13 @@ def content_key(*parts: str | bytes) -> str:
 
 
 def folder_fingerprint(folder: str | Path, patterns: Iterable[str] = ("*.json", "*.safetensors", "*.bin", "*.model", "*.txt")) -> str:
-    """Hash of a model folder: small files' bytes, large files' names and sizes (cheap for 16 GB checkpoints)."""
+    """Hash of a model folder: small files' bytes, large files' names, sizes and mtimes (cheap for 16 GB checkpoints)."""
     folder = Path(folder)
     parts: list[str | bytes] = []
     for path in sorted({p for pattern in patterns for p in folder.glob(pattern)}):
-        size = path.stat().st_size
-        parts += [path.name, path.read_bytes() if size < 1 << 20 else str(size)]
+        stat = path.stat()
+        parts += [path.name, path.read_bytes() if stat.st_size < 1 << 20 else f"{stat.st_size}/{stat.st_mtime_ns}"]
     return content_key(*parts)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class AnswerCache:
@@ -61,7 +55,7 @@ class AnswerCache:
     def get(self, key: str) -> Any | None:
         if self.root is None or not self._path(key).is_file():
             return None
-        return json.loads(self._path(key).read_text())
+        return json.loads(self._path(key).read_text(encoding="utf-8"))
 
     def put(self, key: str, value: Any) -> None:
         if self.root is not None:

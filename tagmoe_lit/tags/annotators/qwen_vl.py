@@ -7,7 +7,8 @@ image(s) (downscaled to at most `max_pixels`) and the instruction, in Qwen2.5-VL
 expanded by the model's own processor). Requests run in batches, greedily (deterministic). An
 answer that `answer.parse_answer` rejects is retried up to `retries` times with the reason appended
 to the conversation; if it is still invalid the row is flagged (`problem`) with empty tags, never
-given tags the model did not validly name.
+given tags the model did not validly name. A row whose source image cannot be read is flagged the
+same way without asking the model, so one bad file does not stop a long `annotate` run.
 
 Answers are cached by content hash (`answer_cache`): the model folder's fingerprint, the prompt,
 the instruction, every image's bytes and the generation settings.
@@ -99,21 +100,28 @@ class QwenVLAnnotator:
             self._model = model.to(self.device).eval()
         return self._model, self._processor
 
-    def _read_image(self, path: Path, where: str) -> tuple[bytes, torch.Tensor]:
-        """(file bytes, uint8 [3, H, W] no larger than max_pixels)."""
+    def _read_image(self, path: Path) -> tuple[bytes, torch.Tensor]:
+        """(file bytes, uint8 [3, H, W] no larger than max_pixels); OSError or RuntimeError when unreadable."""
         from torchvision.io import ImageReadMode, decode_image
         from torchvision.transforms.v2.functional import resize
 
-        try:
-            data = path.read_bytes()
-            image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except (OSError, RuntimeError) as err:
-            raise ValueError(f"{where}: source image '{path}' cannot be read ({err}); fix the path or remove the row.") from None
+        data = path.read_bytes()
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         H, W = image.shape[-2:]
         if H * W > self.max_pixels:
             scale = (self.max_pixels / (H * W)) ** 0.5
             image = resize(image, [max(28, int(H * scale)), max(28, int(W * scale))], antialias=True)
         return data, image
+
+    def _read_sources(self, sources: Sequence[Path]) -> tuple[list[tuple[bytes, torch.Tensor]], str | None]:
+        """Every source read, or no image and the problem with the first unreadable one."""
+        read = []
+        for path in sources:
+            try:
+                read.append(self._read_image(path))
+            except (OSError, RuntimeError) as err:
+                return [], f"source image '{path}' cannot be read ({type(err).__name__}: {err})"
+        return read, None
 
     def _conversation(self, instruction: str, n_images: int, history: list[tuple[str, str]]) -> str:
         user = IMAGE_SLOT * n_images + f"Instruction: {instruction}"
@@ -132,19 +140,23 @@ class QwenVLAnnotator:
         return processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
     # -- annotation ------------------------------------------------------------------------------
+    def _flagged(self, answers: list[str], problem: str) -> Annotation:
+        return Annotation(tags={level: [] for level in self.schema.levels}, raw={"answers": answers}, problem=problem)
+
     def _finish(self, answers: list[str]) -> Annotation:
-        raw = {"answers": answers}
         try:
-            return Annotation(tags=parse_answer(answers[-1], self.schema), raw=raw)
+            return Annotation(tags=parse_answer(answers[-1], self.schema), raw={"answers": answers})
         except AnswerError as err:
-            empty = {level: [] for level in self.schema.levels}
-            return Annotation(tags=empty, raw=raw, problem=f"invalid answer after {len(answers)} attempt(s): {err}")
+            return self._flagged(answers, f"invalid answer after {len(answers)} attempt(s): {err}")
 
     def annotate(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
         results: list[Annotation | None] = [None] * len(requests)
         todo = []  # [index, cache key, images, history of (answer, reason)]
         for i, request in enumerate(requests):
-            read = [self._read_image(p, request.where) for p in request.sources]
+            read, problem = self._read_sources(request.sources)
+            if problem:
+                results[i] = self._flagged([], problem)
+                continue
             key = content_key(
                 self._fingerprint, self.system, request.instruction, *[data for data, _ in read],
                 f"{self.max_new_tokens}/{self.retries}/{self.max_pixels}",

@@ -6,14 +6,18 @@
     python -m tagmoe_lit annotate --compare truth.jsonl out.jsonl --schema synthtag
 
 Each output row is the input row with `tags` ({level: [names]}, replacing any tags it had) and
-`annotation` ({annotator, raw answer, problem}) added. Image paths stay as they are when the output
-sits in the input's folder; elsewhere they are rewritten relative to the output's folder, so the
-output is a valid manifest wherever it is (the training split hashes the target path as written,
-so keep the output beside the input to keep the split). Rows are written in input order, a chunk at
-a time: each chunk is appended in one write and flushed to disk. Re-running the same command after
-an interruption skips the rows already in the output (matched by instruction, source and target;
-duplicates counted) and cuts off a torn last line left by a kill mid-write. Appending, rather than
-rewriting the whole file per chunk, keeps a million-row manifest linear in time.
+`annotation` ({annotator, schema, schema_fingerprint, raw answer, problem}) added. The annotator
+sees the row's source as training does: the first path of a list, none for an empty list. Image
+paths stay as they are when the output sits in the input's folder; elsewhere they are rewritten
+relative to the output's folder, so the output is a valid manifest wherever it is, and the row
+gets a `split_key` (its target path relative to the input's folder, unless it had one) so it stays
+in the same training split (`data/manifest.py`). Rows are written in input order, a chunk at a
+time: each chunk is appended in one write and flushed to disk. Re-running the same command after
+an interruption skips the rows already in the output (matched by instruction, source and target
+resolved to absolute paths, so any spelling of a path matches; duplicates counted) and cuts off a
+torn last line left by a kill mid-write; it refuses an output written by another annotator or
+schema. Appending, rather than rewriting the whole file per chunk, keeps a million-row manifest
+linear in time. Every file is read and written as UTF-8.
 
 `--compare A B` scores B's tags against A's (rows matched the same way) with `agreement`.
 """
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tagmoe_lit.io import relative_path
 from tagmoe_lit.tags.annotators.agreement import AgreementReport, agreement
 from tagmoe_lit.tags.annotators.answer_cache import content_key
 from tagmoe_lit.tags.annotators.base import AnnotationRequest, Annotator
@@ -44,18 +49,37 @@ class ManifestRowError(ValueError):
 _PATH_KEYS = ("source", "target", "mask")
 
 
+def _absolute(value: str, folder: Path) -> str:
+    """A path as written in a file in `folder` → normalized absolute path (lexically; links are not followed)."""
+    return os.path.normpath(os.path.join(os.path.abspath(folder), value))
+
+
 def _moved(value, old: Path, new: Path):
     """A row's path value (str, list of str, other) re-expressed from folder `old` to folder `new`."""
     if isinstance(value, list):
         return [_moved(v, old, new) for v in value]
     if isinstance(value, str) and not os.path.isabs(value):
-        return os.path.relpath(os.path.normpath(os.path.join(os.path.abspath(old), value)), os.path.abspath(new))
+        return os.path.relpath(_absolute(value, old), os.path.abspath(new))
     return value
 
 
+def _resolved(value, folder: Path):
+    """A row's path value (str, list of str, other) with every path made absolute."""
+    if isinstance(value, list):
+        return [_resolved(v, folder) for v in value]
+    return _absolute(value, folder) if isinstance(value, str) else value
+
+
 def row_key(row: dict, folder: Path) -> str:
-    """Identity of a row across files: its instruction, and its source(s) and target resolved from the file's folder."""
-    paths = [_moved(row.get(k), folder, Path("/")) for k in ("source", "target")]
+    """Identity of a row across files: its instruction, and its source(s) and target as absolute paths.
+
+    Relative paths are resolved from the file's folder and every path is normalized, so
+    `images/a.png`, `./images/a.png` and `/data/set/images/a.png` are the same file; a single
+    source and a one-path list are the same, and so are no source and an empty list.
+    """
+    source = row.get("source")
+    sources = [source] if isinstance(source, str) else [] if source is None else source
+    paths = [_resolved(sources, folder), _resolved(row.get("target"), folder)]
     return content_key(json.dumps([row.get("instruction"), *paths], sort_keys=True))
 
 
@@ -64,8 +88,12 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise ManifestRowError(f"Manifest '{path}' does not exist; pass the path of a JSONL file with one sample per line.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestRowError(f"Manifest {path} is not UTF-8 text (bad byte at offset {err.start}); save it as UTF-8.") from None
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # only "\n" ends a line: JSON strings may hold U+2028
         if not line.strip():
             continue
         try:
@@ -78,27 +106,65 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def _sources(row: dict, folder: Path) -> tuple[Path, ...]:
-    src = row.get("source")
-    paths = [src] if isinstance(src, str) else list(src or [])
-    return tuple(folder / p for p in paths)
+def _sources(row: dict, folder: Path, where: str) -> tuple[Path, ...]:
+    """The source image the annotator sees: the one training uses (the first of a list; none for absent, null or [])."""
+    source = row.get("source")
+    first = (source[0] if source else None) if isinstance(source, list) else source
+    if first is None:
+        return ()
+    if not isinstance(first, str) or not first:
+        raise ManifestRowError(f"{where}: 'source' must be a path or a list of paths, got {source!r}; fix the row.")
+    return (folder / first,)
 
 
-def _done_rows(out: Path) -> Counter:
-    """Keys of the complete rows already in `out`; a torn last line (killed mid-write) is cut off."""
+def _record(annotator: Annotator) -> dict[str, str]:
+    """What an output row records about how it was annotated; resuming requires the same."""
+    return {"annotator": annotator.name, "schema": annotator.schema.name, "schema_fingerprint": annotator.schema.fingerprint}
+
+
+def _describe(record: dict) -> str:
+    return f"{record['annotator']!r} with schema {record['schema']!r} (fingerprint {record['schema_fingerprint']})"
+
+
+def _relocated(row: dict, old: Path, new: Path) -> dict:
+    """`row` with its image paths rewritten from folder `old` to `new`, and its `split_key` kept (see module doc)."""
+    moved = {k: _moved(v, old, new) if k in _PATH_KEYS else v for k, v in row.items()}
+    if "split_key" not in row and isinstance(row.get("target"), str):
+        moved["split_key"] = relative_path(row["target"], old)  # what the split hashed in the input manifest
+    return moved
+
+
+def _done_rows(out: Path, annotator: Annotator) -> Counter:
+    """Keys of the complete rows already in `out`, all annotated as `annotator` would; a torn last line is cut off."""
     if not out.is_file():
         return Counter()
     data = out.read_bytes()
     keep = len(data) if data.endswith(b"\n") else data.rfind(b"\n") + 1
+    try:
+        text = data[:keep].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestRowError(
+            f"{out} is not UTF-8 text (bad byte at offset {err.start}), so the run cannot resume from it; delete the file."
+        ) from None
+    expected = _record(annotator)
     done = Counter()
-    for n, line in enumerate(data[:keep].decode().splitlines(), 1):
-        if line.strip():
-            try:
-                done[row_key(json.loads(line), out.parent)] += 1
-            except json.JSONDecodeError:
-                raise ManifestRowError(
-                    f"{out} line {n} is not valid JSON, so the run cannot resume from it; delete the file or fix the line."
-                ) from None
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ManifestRowError(
+                f"{out} line {n} is not valid JSON, so the run cannot resume from it; delete the file or fix the line."
+            ) from None
+        annotation = row.get("annotation") if isinstance(row, dict) else None
+        found = {k: annotation.get(k) for k in expected} if isinstance(annotation, dict) else {k: None for k in expected}
+        if found != expected:
+            raise ManifestRowError(
+                f"{out} line {n} was annotated by {_describe(found)}, but this run annotates with {_describe(expected)}; "
+                "write to a new --out file, or resume with the annotator and schema the file was started with."
+            )
+        done[row_key(row, out.parent)] += 1
     if keep < len(data):
         with open(out, "r+b") as f:
             f.truncate(keep)
@@ -128,7 +194,7 @@ def annotate_manifest(
     if manifest.resolve() == out.resolve():
         raise ManifestRowError(f"--out {out} is the input manifest; write the annotated rows to another file.")
     rows = read_rows(manifest)
-    done = _done_rows(out)
+    done = _done_rows(out, annotator)
     todo = []
     for n, row in rows:
         key = row_key(row, manifest.parent)
@@ -140,16 +206,27 @@ def annotate_manifest(
     relocate = out.parent.resolve() != manifest.parent.resolve()
     flagged: list[tuple[int, str]] = []
     start = time.perf_counter()
-    with open(out, "a") as f, tqdm(total=len(rows), initial=len(rows) - len(todo), unit="row", disable=not progress, desc="annotate") as bar:
+    record = _record(annotator)
+    bar = tqdm(total=len(rows), initial=len(rows) - len(todo), unit="row", disable=not progress, desc="annotate")
+    with open(out, "a", encoding="utf-8") as f, bar:
         for first in range(0, len(todo), chunk_size):
             chunk = todo[first : first + chunk_size]
-            requests = [AnnotationRequest(row["instruction"], _sources(row, manifest.parent), f"{manifest} line {n}") for n, row in chunk]
+            requests = [
+                AnnotationRequest(row["instruction"], _sources(row, manifest.parent, f"{manifest} line {n}"), f"{manifest} line {n}")
+                for n, row in chunk
+            ]
+            annotations = list(annotator.annotate(requests))
+            if len(annotations) != len(requests):
+                raise ManifestRowError(
+                    f"Annotator {annotator.name!r} returned {len(annotations)} annotations for {len(requests)} rows "
+                    f"({manifest} lines {chunk[0][0]}-{chunk[-1][0]}); an annotator must return one per request, in order."
+                )
             lines = []
-            for (n, row), ann in zip(chunk, annotator.annotate(requests)):
+            for (n, row), ann in zip(chunk, annotations):
                 if relocate:
-                    row = {k: _moved(v, manifest.parent, out.parent) if k in _PATH_KEYS else v for k, v in row.items()}
-                record = {**row, "tags": ann.tags, "annotation": {"annotator": annotator.name, "raw": ann.raw, "problem": ann.problem}}
-                lines.append(json.dumps(record) + "\n")
+                    row = _relocated(row, manifest.parent, out.parent)
+                annotation = {**record, "raw": ann.raw, "problem": ann.problem}
+                lines.append(json.dumps({**row, "tags": ann.tags, "annotation": annotation}) + "\n")
                 if ann.problem:
                     flagged.append((n, ann.problem))
             f.write("".join(lines))  # one write per chunk, then to disk: a kill leaves whole rows or a torn last line
