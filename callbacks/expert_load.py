@@ -1,7 +1,9 @@
 """`ExpertLoadMonitor`: expert loads and balance during training, with dead-expert and collapse warnings.
 
 Reads only the module's published `RoutingRecord` (`pl_module.routing`). Loads are fractions of the
-counted token assignments, so a re-run forward under activation checkpointing cannot inflate them.
+counted token assignments of the step's last micro-batch on this rank, so a re-run forward under
+activation checkpointing cannot inflate them. Rank 0 logs; the health counters live in the
+callback and restart from zero when a run is resumed.
 
 Logged every `every_n_steps` optimizer steps:
   moe/layer_{i}/load_e{j}        share of layer i's token assignments that went to expert j
@@ -46,11 +48,15 @@ class ExpertLoadMonitor(L.Callback):
         self._low: torch.Tensor | None = None  # [L, E] consecutive checks under min_share
         self._high: torch.Tensor | None = None
         self._warned: set[tuple[str, int, int]] = set()
+        self._last_step = -1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         record = pl_module.routing
-        if record is None or trainer.global_step % self.every_n_steps:
+        step = trainer.global_step
+        # once per optimizer step: with gradient accumulation this hook runs for every micro-batch
+        if record is None or step % self.every_n_steps or step == self._last_step:
             return
+        self._last_step = step
         load_LE = torch.stack([layer.load_E for layer in record.stats.layers]).float().cpu()
         self._check_health(trainer, load_LE)
         metrics = {}
@@ -61,9 +67,11 @@ class ExpertLoadMonitor(L.Callback):
             metrics[f"moe/layer_{i}/entropy"] = layer.entropy
             metrics[f"moe/layer_{i}/sample_entropy"] = entropy(layer.signature_BE.float()).mean()
             metrics[f"moe/layer_{i}/dead_experts"] = float((self._low[i] >= self.patience).sum())
-        pl_module.log_dict(metrics, batch_size=batch["target"].shape[0])
-        if self.histograms and trainer.is_global_zero:
-            self._log_histograms(trainer, record)
+        if trainer.is_global_zero:  # straight to the loggers: on our schedule, not log_every_n_steps
+            for logger in trainer.loggers:
+                logger.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            if self.histograms:
+                self._log_histograms(trainer, record)
 
     def _check_health(self, trainer: L.Trainer, load_LE: torch.Tensor) -> None:
         if self._low is None or self._low.shape != load_LE.shape:

@@ -14,8 +14,11 @@ import os
 from pathlib import Path
 
 import lightning as L
+import torch
 import torchvision
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from tagmoe_lit.io import atomic_write_text
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -30,18 +33,23 @@ class PredictionWriter(BasePredictionWriter):
         self.output_dir = output_dir
         self._pending: list[tuple[Path, Path]] = []
         self._rows: list[dict] = []
+        self._dir = Path(".")
 
     def _directory(self, trainer: L.Trainer) -> Path:
         return Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
 
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pending, self._rows = [], []
+        self._dir = self._directory(trainer)  # collective under DDP (trainer.log_dir): ask on every rank
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        directory = self._directory(trainer)
+        directory = self._dir
         directory.mkdir(parents=True, exist_ok=True)
         signature_LBE = prediction["signature_LBE"]
         names = batch.get("name") or [f"{i:05d}" for i in batch["index"].tolist()]
         for b, name in enumerate(names):
             final = directory / f"{name}.png"
-            tmp = directory / f".{name}.png.tmp"
+            tmp = directory / f".{name}.rank{trainer.global_rank}.png.tmp"  # ranks may hold the same padded sample
             torchvision.utils.save_image(prediction["images"][b].float().cpu(), tmp, format="png")
             self._pending.append((tmp, final))
             row = {"name": name, "image": final.name, "instruction": batch["instruction"][b], "has_source": bool(batch["has_source"][b])}
@@ -54,12 +62,15 @@ class PredictionWriter(BasePredictionWriter):
             self._rows.append(row)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        directory = self._directory(trainer)
         for tmp, final in self._pending:
             os.replace(tmp, final)
-        jsonl = directory / "predictions.jsonl"
-        tmp = jsonl.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in self._rows))
-        os.replace(tmp, jsonl)
-        print(f"\nWrote {len(self._rows)} images and {jsonl}")
+        rows = self._rows
+        if trainer.world_size > 1:  # one JSONL for all ranks, each sample once
+            parts = [None] * trainer.world_size
+            torch.distributed.all_gather_object(parts, rows)
+            rows = list({row["name"]: row for part in parts for row in part}.values())
+        if trainer.is_global_zero:
+            jsonl = self._dir / "predictions.jsonl"
+            atomic_write_text(jsonl, "".join(json.dumps(row) + "\n" for row in rows))
+            print(f"\nWrote {len(rows)} images and {jsonl}")
         self._pending, self._rows = [], []

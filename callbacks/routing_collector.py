@@ -2,7 +2,8 @@
 
 It gathers the module's published `RoutingRecord` after every validation batch (not during the
 sanity check, whose model is untrained) and hands the whole validation set's routing to
-`on_routing` once per validation. Subclasses decide what to compute and log from it.
+`on_routing` once per validation. Subclasses decide what to compute and log from it. Each rank
+sees its own share of the validation set (the figures are per rank; rank 0's are drawn).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ class RoutingCollector(L.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         record = pl_module.routing
-        if record is not None and not trainer.sanity_checking:
-            self._records.append(record)
+        if record is not None and not trainer.sanity_checking and bool((record.task_B >= 0).all()):
+            self._records.append(record)  # samples of unknown task (id -1) cannot be grouped by task
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         records, self._records = self._records, []
@@ -51,6 +52,12 @@ class RoutingCollector(L.Callback):
 
     def on_routing(self, trainer: L.Trainer, pl_module: L.LightningModule, routing: ValidationRouting) -> None:
         raise NotImplementedError
+
+
+def task_names(trainer: L.Trainer, task_B: torch.Tensor) -> list[str]:
+    """Names of task ids 0..max: the data module's `task_names`, else the ids themselves."""
+    names = getattr(trainer.datamodule, "task_names", None)
+    return list(names) if names is not None else [str(i) for i in range(int(task_B.max()) + 1)]
 
 
 def _concat(records: list) -> ValidationRouting:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from callbacks.figures import heatmap, log_figure
-from callbacks.routing_collector import RoutingCollector, ValidationRouting
+from callbacks.routing_collector import RoutingCollector, ValidationRouting, task_names
 
 
 def mean_by_task(values_BX: torch.Tensor, task_B: torch.Tensor, tasks: list[int]) -> torch.Tensor:
@@ -36,7 +36,7 @@ class RoutingSignatureMonitor(RoutingCollector):
         self.heatmaps = heatmaps
 
     def on_routing(self, trainer: L.Trainer, pl_module: L.LightningModule, routing: ValidationRouting) -> None:
-        names = trainer.datamodule.task_names
+        names = task_names(trainer, routing.task_B)
         tasks = sorted(routing.task_B.unique().tolist())
         rows = [names[t] for t in tasks]
         g_TE = mean_by_task(routing.signature_BE, routing.task_B, tasks)
@@ -53,10 +53,12 @@ class RoutingSignatureMonitor(RoutingCollector):
         for i, sig_BE in enumerate(routing.signature_LBE):
             sig_TE = mean_by_task(sig_BE, routing.task_B, tasks)
             log_figure(trainer, f"val_routing/heatmap/layer_{i}", heatmap(sig_TE, rows, experts, f"MoE layer {i}: mean router probability (step {step})"))
-        present = routing.tags_BV.sum(0) > 0
-        tag_names = [n for n, keep in zip(pl_module.schema.names, present.tolist()) if keep]
-        tag_VE = (routing.tags_BV[:, present].T @ routing.signature_BE) / routing.tags_BV[:, present].sum(0)[:, None]
-        log_figure(trainer, "val_routing/heatmap/tags", heatmap(tag_VE, tag_names, experts, f"tag × expert signature g (step {step})"))
         if routing.semantic_BD is not None:
             s_TD = F.normalize(mean_by_task(routing.semantic_BD, routing.task_B, tasks), dim=1)
             log_figure(trainer, "val_align/semantic_cosine", heatmap(s_TD @ s_TD.T, rows, rows, f"cosine of task semantic vectors s (step {step})", vmin=-1.0))
+        present = routing.tags_BV.sum(0) > 0
+        if not present.any():  # untagged data: no tag rows to draw
+            return
+        tag_names = [n for n, keep in zip(pl_module.schema.names, present.tolist()) if keep]
+        tag_VE = (routing.tags_BV[:, present].T @ routing.signature_BE) / routing.tags_BV[:, present].sum(0)[:, None]
+        log_figure(trainer, "val_routing/heatmap/tags", heatmap(tag_VE, tag_names, experts, f"tag × expert signature g (step {step})"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import lightning as L
 
-from callbacks.routing_collector import RoutingCollector, ValidationRouting
+from callbacks.routing_collector import RoutingCollector, ValidationRouting, task_names
 from tagmoe_lit.metrics.specialization import nmi, shuffled_nmi, task_expert_table
 
 
@@ -18,7 +18,7 @@ class SpecializationMonitor(RoutingCollector):
     """Task–expert normalized mutual information per MoE layer, beside its shuffled-task baseline."""
 
     def on_routing(self, trainer: L.Trainer, pl_module: L.LightningModule, routing: ValidationRouting) -> None:
-        num_tasks = len(trainer.datamodule.task_names)
+        num_tasks = len(task_names(trainer, routing.task_B))
         metrics = {}
         for i, top1_BE in enumerate(routing.top1_counts_LBE):
             metrics[f"val_routing/layer_{i}/nmi"] = nmi(task_expert_table(routing.task_B, top1_BE, num_tasks))

@@ -1,4 +1,4 @@
-"""`python -m tagmoe_lit {fit,validate,test,predict,annotate,cache} …`.
+"""`python -m tagmoe_lit {fit,validate,test,predict,annotate,cache,knockout} …`.
 
 LightningCLI looks every subcommand up on the Trainer, so the kit's own subcommands are dispatched
 here first and the rest go to `TagMoECLI`:
@@ -6,7 +6,8 @@ here first and the rest go to `TagMoECLI`:
 - `annotate`: tag a JSONL manifest (rules or a local Qwen2.5-VL), or compare two annotations
   (`tagmoe_lit/tags/annotators/run.py`);
 - `cache`: fill the text-embedding and latent caches for a manifest config ahead of training
-  (`tagmoe_lit/data/build_cache.py`).
+  (`tagmoe_lit/data/build_cache.py`);
+- `knockout`: `test` with each expert removed from every MoE layer in turn (`tagmoe_lit/knockout.py`).
 """
 
 import sys
@@ -25,6 +26,10 @@ def run(argv: list[str] | None = None) -> object:
         from tagmoe_lit.data.build_cache import main as cache
 
         return cache(rest)
+    if command == "knockout":
+        from tagmoe_lit.knockout import main as knockout
+
+        return knockout(rest)
     from tagmoe_lit.cli import main
 
     return main(argv if given else None)  # None: LightningCLI reads sys.argv itself (and does not warn)

@@ -4,21 +4,21 @@
 
 Runs the kit's `test` once with all experts and once per knocked-out expert (its tokens go to their
 next-best expert, `MoELayer.knockout`), then writes `knockout.json` and `knockout.md` beside the
-checkpoint's run: per task, each metric with all experts and its change when expert e is gone.
-Every other argument is a normal config override (e.g. `--data.test_samples 144`,
+checkpoint: per task, each metric with all experts and its change when expert e is gone. Every
+other argument is a normal config override (e.g. `--data.test_samples 144`,
 `--model.sample_in_test false` for flow losses only).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-import os
-import sys
 from pathlib import Path
 
 from tagmoe_lit.cli import TagMoECLI
-
+from tagmoe_lit.io import atomic_write_text
+from tagmoe_lit.metrics.report import json_safe
 
 
 def knockout(cli: TagMoECLI, ckpt_path: str) -> dict:
@@ -28,13 +28,17 @@ def knockout(cli: TagMoECLI, ckpt_path: str) -> dict:
     if not model.moe_layers:
         raise ValueError("Expert knockout needs an MoE model; this config builds a dense backbone.")
     results = {}
-    for expert in [None, *range(model.num_experts)]:
+    model.test_report_name = None  # the per-run test reports would overwrite each other
+    try:
+        for expert in [None, *range(model.num_experts)]:
+            for layer in model.moe_layers:
+                layer.knockout(() if expert is None else (expert,))
+            trainer.test(model, datamodule=cli.datamodule, ckpt_path=ckpt_path, verbose=False)
+            results["all_experts" if expert is None else f"without_e{expert}"] = model.test_summary
+    finally:
         for layer in model.moe_layers:
-            layer.knockout(() if expert is None else (expert,))
-        trainer.test(model, datamodule=cli.datamodule, ckpt_path=ckpt_path, verbose=False)
-        results["all_experts" if expert is None else f"without_e{expert}"] = model.test_summary
-    for layer in model.moe_layers:
-        layer.knockout(())
+            layer.knockout(())
+        model.test_report_name = "test_report"
     return results
 
 
@@ -50,22 +54,22 @@ def to_markdown(results: dict, metric: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--ckpt_path" not in argv:
-        raise SystemExit("knockout needs `--ckpt_path CHECKPOINT` (a checkpoint written by `fit`).")
-    i = argv.index("--ckpt_path")
-    ckpt_path = argv[i + 1]
-    del argv[i : i + 2]
-    cli = TagMoECLI(args=[*argv, "--trainer.logger", "false"], run=False)
-    results = knockout(cli, ckpt_path)
-    metrics = [m for m in ("success", "flow_fixed") if m in results["all_experts"]["all"]]
-    text = "\n".join(f"### {m}\n\n{to_markdown(results, m)}" for m in metrics)
-    out = Path(ckpt_path).resolve().parent
-    for path, content in ((out / "knockout.json", json.dumps(results, indent=2)), (out / "knockout.md", text)):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(content)
-        os.replace(tmp, path)
-    print(f"\n{text}\nWrote {out / 'knockout.json'} and {out / 'knockout.md'}")
+    parser = argparse.ArgumentParser(
+        prog="python -m tagmoe_lit knockout",
+        description="Test a checkpoint with each expert knocked out of every MoE layer in turn; "
+        "other arguments are config options as for `test` (--config …, --data.test_samples …).",
+    )
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `fit`")
+    known, rest = parser.parse_known_args(argv)
+    cli = TagMoECLI(args=[*rest, "--trainer.logger", "false"], run=False)
+    results = knockout(cli, known.ckpt_path)
+    if cli.trainer.is_global_zero:
+        metrics = [m for m in ("success", "flow_fixed") if m in results["all_experts"]["all"]]
+        text = "\n".join(f"### {m}\n\n{to_markdown(results, m)}" for m in metrics)
+        out = Path(known.ckpt_path).resolve().parent
+        atomic_write_text(out / "knockout.json", json.dumps(json_safe(results), indent=2, allow_nan=False))
+        atomic_write_text(out / "knockout.md", text)
+        print(f"\n{text}\nWrote {out / 'knockout.json'} and {out / 'knockout.md'}")
     return results
 
 

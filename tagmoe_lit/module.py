@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from functools import partial
 from typing import Any, Callable
 
 import lightning as L
@@ -99,7 +98,8 @@ class TagMoEModule(L.LightningModule):
             cosine_decay: decay to `min_lr_ratio`·lr over `trainer.max_steps` after warmup.
             min_lr_ratio: final learning rate as a fraction of `lr`.
             seed: seeds the per-step noise / σ / dropout generator (with step and rank).
-            sample_in_test: `test` also samples every test image and scores the edits (slow:
+            sample_in_test: `test` also samples every test image and scores the edits against the
+                data's exact targets (data modules with `exact_targets`, i.e. SynthTAG; slow:
                 `sampler.steps` forwards per batch, twice with guidance); off: flow losses only.
         """
         super().__init__()
@@ -121,6 +121,7 @@ class TagMoEModule(L.LightningModule):
         self._eval_sums: dict[str, list[float]] = {}
         self._report: TaskReport | None = None
         self.test_summary: dict | None = None  # the last `test`'s per-task tables (TaskReport.summary)
+        self.test_report_name: str | None = "test_report"  # files `test` writes; None: keep it in memory
 
     # -- building ------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -194,6 +195,14 @@ class TagMoEModule(L.LightningModule):
         """ε in token space for images x, drawn on CPU from `generator` (the same on any device)."""
         h, w = self.grid(x)
         return torch.randn(x.shape[0], h * w, self.codec.token_channels, generator=generator).to(x)
+
+    def _sample_noise(self, batch: dict, purpose: str) -> torch.Tensor:
+        """ε per sample, seeded by (seed, purpose, sample index): independent of batch-mates and ranks."""
+        x = batch["target"]
+        return torch.cat([
+            self._draw_noise(x[i : i + 1], torch.Generator().manual_seed(step_seed(self.seed, purpose, i_global)))
+            for i, i_global in enumerate(batch["index"].tolist())
+        ])
 
     def loss_terms(
         self,
@@ -277,7 +286,7 @@ class TagMoEModule(L.LightningModule):
         """
         x = batch["target"]
         B = x.shape[0]
-        noise = self._draw_noise(x, torch.Generator().manual_seed(step_seed(self.seed, int(batch["index"][0]))))
+        noise = self._sample_noise(batch, "eval")
         images = self.encode_images(batch)  # shared by the 6 forwards below
         keep, drop = torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)
         out = {"flow_fixed": 0.0, "flow_fixed_uncond": 0.0}
@@ -325,14 +334,14 @@ class TagMoEModule(L.LightningModule):
         """Per-sample flow loss at fixed noise and, with `sample_in_test`, sampled-edit metrics."""
         metrics = {"flow_fixed": self._eval_step(batch)}
         top1 = [layer.top1_counts_BE for layer in self.routing.stats.layers] if self.routing else []
-        if self.sample_in_test:
+        if self.sample_in_test and getattr(self.trainer.datamodule, "exact_targets", False):
             images, _ = self.generate(batch)
             metrics.update(edit_metrics(images, batch["target"], batch["source"], batch["mask"], batch["has_source"]))
             # did it do another (source-determined) edit instead? undefined without a source
             alternatives_KB3HW = torch.stack(list(source_alternatives(batch["source"]).values()))
             confused_B = (confusion(images, batch["target"], alternatives_KB3HW) >= 0).float()
             metrics["confusion"] = confused_B.masked_fill(~batch["has_source"].to(confused_B.device), math.nan)
-        self._report.add(batch["task"], metrics, top1)
+        self._report.add(batch["task"], metrics, top1, batch["index"])
 
     def on_test_epoch_end(self) -> None:
         """Log per-task test metrics and write `test_report.{json,md}` into the run's log directory."""
@@ -347,9 +356,9 @@ class TagMoEModule(L.LightningModule):
         per_task.update({f"test_routing/{layer}/{k}": v[k] for layer, v in summary["routing"].items() for k in ("nmi", "nmi_shuffled")})
         for logger in self.loggers:
             logger.log_metrics({k: v for k, v in per_task.items() if not math.isnan(v)}, step=self.global_step)
-        if self.trainer.is_global_zero:
-            directory = self.trainer.log_dir or self.trainer.default_root_dir
-            json_path, md_path = report.write(directory, summary=summary)
+        directory = self.trainer.log_dir or self.trainer.default_root_dir  # collective: every rank asks
+        if self.trainer.is_global_zero and self.test_report_name:
+            json_path, md_path = report.write(directory, self.test_report_name, summary)
             print(f"\nPer-task test metrics ({json_path}):\n\n{md_path.read_text()}")
 
     @torch.no_grad()
@@ -363,10 +372,7 @@ class TagMoEModule(L.LightningModule):
         no_drop = torch.zeros(len(batch["instruction"]), dtype=torch.bool)
         instructions, reference = self._conditioning(batch, self.codec.encode(batch["source"]), no_drop, no_drop)
         grid = self.grid(batch["target"])
-        noise = torch.stack([
-            torch.randn(grid[0] * grid[1], self.codec.token_channels, generator=torch.Generator().manual_seed(step_seed(self.seed, "sample", int(i))))
-            for i in batch["index"].tolist()
-        ])
+        noise = self._sample_noise(batch, "sample")
         s = self.tag_embedding(batch)
         signatures: list[torch.Tensor] = []
 
@@ -383,7 +389,7 @@ class TagMoEModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Any]:
         """Generated images with their routing signatures, for `callbacks.PredictionWriter`."""
         images, signature_LBE = self.generate(batch)
-        return {"images": images, "signature_LBE": signature_LBE, "batch": batch}
+        return {"images": images, "signature_LBE": signature_LBE}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Once per optimizer step: global expert counts of the step feed routers' bias updates."""

@@ -7,11 +7,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchvision.io import write_png
 
 from callbacks import ExpertLoadMonitor
 from tagmoe_lit.cli import TagMoECLI
-from tagmoe_lit.data.synthtag import TASKS
-from tagmoe_lit.knockout import main as knockout_main
+from tagmoe_lit.data.synthtag import TASKS, SynthTAG
+from tagmoe_lit.__main__ import run as run_kit
+from tagmoe_lit.knockout import knockout
+from conftest import tiny_module
 from test_configs import BASE, smoke_args
 
 MONITORS = """
@@ -113,13 +116,46 @@ def test_predict_writes_pngs_and_a_jsonl_with_routing_signatures(trained):
     assert Path(second.trainer.log_dir, "predictions", "00000.png").read_bytes() == png
 
 
+def test_predict_reads_a_prompt_list_with_and_without_source_images(trained):
+    tmp_path, cli = trained
+    source = SynthTAG(image_size=32, seed=5).sample(0, task="recolor").source
+    write_png(source, str(tmp_path / "scene.png"))
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text("- {instruction: a red circle on a plain blue background, name: circle}\n"
+                       "- {instruction: make the image darker, source: scene.png, name: darker}\n")
+    done = run(tmp_path, "predict", "--ckpt_path", cli.trainer.checkpoint_callback.last_model_path,
+               "--data.predict_file", str(prompts), *FAST_SAMPLER)
+    out = Path(done.trainer.log_dir, "predictions")
+    rows = {r["name"]: r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
+    assert rows["darker"]["has_source"] and not rows["circle"]["has_source"] and "task" not in rows["circle"]
+    assert rows["darker"]["instruction"] == "make the image darker"
+    assert (out / "circle.png").exists() and (out / "darker.png").exists()
+
+
 def test_knockout_reports_each_experts_effect_per_task(trained):
     tmp_path, cli = trained
     ckpt = cli.trainer.checkpoint_callback.last_model_path
-    results = knockout_main(["--config", str(BASE), *smoke_args(tmp_path), "--ckpt_path", ckpt,
-                             "--data.test_samples", "9", "--model.sample_in_test", "false"])
+    args = ["--config", str(BASE), *smoke_args(tmp_path), "--data.test_samples", "9", "--model.sample_in_test", "false"]
+    results = run_kit(["knockout", *args, "--ckpt_path", ckpt])
     assert list(results) == ["all_experts", "without_e0", "without_e1", "without_e2", "without_e3"]
     assert any(results[k]["all"]["flow_fixed"] != results["all_experts"]["all"]["flow_fixed"] for k in list(results)[1:])
     text = Path(ckpt).parent.joinpath("knockout.md").read_text()
     assert "| recolor |" in text and "Δ without_e2" in text
-    assert all(not layer.knocked_out for layer in cli.model.moe_layers)
+    with pytest.raises(SystemExit):
+        run_kit(["knockout", *args])  # no --ckpt_path: usage error, not a traceback
+
+
+def test_knockout_runs_each_expert_out_and_restores_the_layers_even_on_failure():
+    model = tiny_module()
+    seen = []
+
+    def test(*args, **kwargs):
+        seen.append([layer.knocked_out for layer in model.moe_layers])
+        model.test_summary = {"run": len(seen)}
+        if len(seen) == 3:
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        knockout(SimpleNamespace(model=model, trainer=SimpleNamespace(test=test), datamodule=None), "x.ckpt")
+    assert seen == [[(), ()], [(0,), (0,)], [(1,), (1,)]]
+    assert all(not layer.knocked_out for layer in model.moe_layers) and model.test_report_name == "test_report"

@@ -19,7 +19,8 @@ def test_per_task_means_skip_nan_and_all_row_covers_every_sample(tmp_path):
     assert math.isnan(summary["tasks"]["gen"]["psnr_preserved"])
     assert summary["all"]["psnr_preserved"] == pytest.approx(30.0)
     json_path, md_path = report.write(tmp_path)
-    assert json.loads(json_path.read_text())["samples"]["edit"] == 3
+    written = json.loads(json_path.read_text())
+    assert written["samples"]["edit"] == 3 and written["tasks"]["gen"]["psnr_preserved"] is None  # strict JSON: null
     assert "| gen | 1 | 1.000 | – |" in md_path.read_text()
 
 
@@ -42,5 +43,9 @@ def test_merge_of_rank_reports_equals_one_report_and_empty_report_says_so():
     b.add(torch.tensor([1]), {"m": torch.tensor([3.0])})
     whole.add(torch.tensor([0, 1]), {"m": torch.tensor([1.0, 3.0])})
     assert TaskReport.merge([a, b]).summary() == whole.summary()
+    padded = TaskReport(["x", "y"])  # a distributed sampler repeats sample 0 to even out the ranks
+    padded.add(torch.tensor([0, 1]), {"m": torch.tensor([1.0, 3.0])}, index_B=torch.tensor([0, 1]))
+    padded.add(torch.tensor([0]), {"m": torch.tensor([1.0])}, index_B=torch.tensor([0]))
+    assert padded.summary()["samples"] == {"x": 1, "y": 1}
     with pytest.raises(ValueError, match="no evaluation batch"):
         TaskReport().summary()

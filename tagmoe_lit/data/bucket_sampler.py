@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import Sequence
+from typing import Iterator, Sequence
+
+from torch.utils.data import Sampler
 
 
 class BucketSchedule:
@@ -54,3 +56,17 @@ def eval_batches(buckets: Sequence[tuple[int, int]], batch_size: int) -> list[li
     for i, b in enumerate(buckets):
         by_bucket.setdefault(tuple(b), []).append(i)
     return [rows[s : s + batch_size] for size in sorted(by_bucket) for rows in [by_bucket[size]] for s in range(0, len(rows), batch_size)]
+
+
+class FixedBatchSampler(Sampler[list[int]]):
+    """A fixed list of batches as a batch sampler (Lightning's predict loop wraps batch samplers and
+    needs an object, not a plain list)."""
+
+    def __init__(self, batches: Sequence[Sequence[int]]):
+        self.batches = [list(b) for b in batches]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

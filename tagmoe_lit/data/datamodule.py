@@ -58,6 +58,25 @@ class _Encoder:
         }
 
 
+def stream_position(trainer: L.Trainer | None) -> tuple[int, int, int]:
+    """(first local batch, rank, world size) of a training stream: where the restored global step left off."""
+    if trainer is None:
+        return 0, 0, 1
+    return trainer.global_step * trainer.accumulate_grad_batches, trainer.global_rank, trainer.world_size
+
+
+def global_batches(start_batch: int, rank: int, world_size: int) -> Iterator[int]:
+    """Global batch numbers this rank's DataLoader worker produces: b·W + r for b = start, start + 1, …
+
+    Workers take every `num_workers`-th b, as the DataLoader collects batches from them round-robin.
+    """
+    info = get_worker_info()
+    b, workers = start_batch + (info.id if info else 0), info.num_workers if info else 1
+    while True:
+        yield b * world_size + rank
+        b += workers
+
+
 class SynthTAGStream(IterableDataset):
     """Endless training stream indexed by global batch number (see module doc)."""
 
@@ -66,14 +85,9 @@ class SynthTAGStream(IterableDataset):
         self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
 
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        b = self.start_batch + worker  # the DataLoader takes batches from workers round-robin
-        while True:
-            first = (b * self.world_size + self.rank) * self.batch_size
-            for i in range(first, first + self.batch_size):
+        for g in global_batches(self.start_batch, self.rank, self.world_size):
+            for i in range(g * self.batch_size, (g + 1) * self.batch_size):
                 yield self.encode(self.synth.sample(i), i)
-            b += workers
 
 
 class SynthTAGSplit(Dataset):
@@ -150,11 +164,7 @@ class SynthTAGDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        start, rank, world = 0, 0, 1
-        if trainer is not None:  # continue where the restored global step left off
-            start = trainer.global_step * trainer.accumulate_grad_batches
-            rank, world = trainer.global_rank, trainer.world_size
+        start, rank, world = stream_position(self.trainer)
         stream = SynthTAGStream(self._synth(self.seed, self.train_tasks), self.train_encode, self.batch_size, start, rank, world)
         return self._loader(stream, self.batch_size)
 

@@ -34,9 +34,10 @@ from typing import Iterator, Literal, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from tagmoe_lit.data.bucket_sampler import BucketSchedule, eval_batches
+from tagmoe_lit.data.datamodule import global_batches, stream_position
 from tagmoe_lit.data.buckets import aspect_buckets, nearest_bucket
 from tagmoe_lit.data.images import ImageReadError, load_image, load_mask
 from tagmoe_lit.data.manifest import ManifestError, ManifestRow, read_manifest
@@ -99,15 +100,10 @@ class ManifestStream(IterableDataset):
         self.start_batch, self.rank, self.world_size = start_batch, rank, world_size
 
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        b = self.start_batch + worker  # the DataLoader takes batches from workers round-robin
-        while True:
-            picks = self.schedule.batch(b * self.world_size + self.rank)
-            batch = [self.load(self.rows[p], self.indices[p]) for p in picks]
+        for g in global_batches(self.start_batch, self.rank, self.world_size):
+            batch = [self.load(self.rows[p], self.indices[p]) for p in self.schedule.batch(g)]
             if any(s is not None for s in batch):  # a batch whose every row was dropped is skipped
                 yield _collate(batch, "a training batch")
-            b += workers
 
 
 class ManifestBatches(Dataset):
@@ -273,11 +269,7 @@ class ManifestDataModule(L.LightningDataModule):
         return DataLoader(batches, batch_size=None, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        start, rank, world = 0, 0, 1
-        if trainer is not None:  # continue where the restored global step left off
-            start = trainer.global_step * trainer.accumulate_grad_batches
-            rank, world = trainer.global_rank, trainer.world_size
+        start, rank, world = stream_position(self.trainer)
         split, load = self.split, self.row_loader(train=True)
         rows = [self.rows[i] for i in split.train]
         schedule = BucketSchedule([load.bucket(r) for r in rows], split.train_weights, self.batch_size, self.seed)

@@ -30,7 +30,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset
 
-from tagmoe_lit.data.bucket_sampler import eval_batches
+from tagmoe_lit.data.bucket_sampler import FixedBatchSampler, eval_batches
 from tagmoe_lit.data.buckets import aspect_buckets, nearest_bucket
 from tagmoe_lit.data.images import ImageReadError, load_image, probe_size
 from tagmoe_lit.data.manifest import first_source
@@ -176,4 +176,4 @@ def prompt_loader(
 ) -> DataLoader:
     """A DataLoader over a prompt list whose batches each hold one image size (see `PromptListDataset` for the rest)."""
     dataset = PromptListDataset(path, image_size, schema, multiple, max_aspect)
-    return DataLoader(dataset, batch_sampler=dataset.batches(batch_size), num_workers=num_workers)
+    return DataLoader(dataset, batch_sampler=FixedBatchSampler(dataset.batches(batch_size)), num_workers=num_workers)

@@ -142,15 +142,3 @@ def confusion(
     confused_B = (best_acc_B >= thresholds.edit_threshold) & (own_accuracy_B < thresholds.edit_threshold)
     return torch.where(confused_B, best_B, -1)
 
-
-def confused_with(
-    generated_B3HW: torch.Tensor,
-    target_B3HW: torch.Tensor,
-    candidates: dict[str, torch.Tensor],
-    thresholds: EditThresholds = EditThresholds(),
-) -> list[str | None]:
-    """`confusion` over named candidates (e.g. `source_alternatives(source)`): each sample's match or None."""
-    names = list(candidates)
-    index_B = confusion(generated_B3HW, target_B3HW, torch.stack(list(candidates.values())), thresholds)
-    return [names[i] if i >= 0 else None for i in index_B.tolist()]
-

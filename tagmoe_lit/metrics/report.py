@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from tagmoe_lit.io import atomic_write_text
 from tagmoe_lit.metrics.specialization import nmi, shuffled_nmi, task_expert_table
 
 
@@ -29,11 +29,24 @@ class TaskReport:
         self._tasks: list[torch.Tensor] = []
         self._values: dict[str, list[torch.Tensor]] = {}
         self._top1: list[list[torch.Tensor]] = []
+        self._index: list[torch.Tensor] = []
 
-    def add(self, task_B: torch.Tensor, metrics: dict[str, torch.Tensor], top1_counts_LBE: Sequence[torch.Tensor] = ()) -> None:
-        """One batch: task ids [B], per-sample metrics {name: [B]}, per-layer top-1 counts [B, E]."""
+    def add(
+        self,
+        task_B: torch.Tensor,
+        metrics: dict[str, torch.Tensor],
+        top1_counts_LBE: Sequence[torch.Tensor] = (),
+        index_B: torch.Tensor | None = None,
+    ) -> None:
+        """One batch: task ids [B], per-sample metrics {name: [B]}, per-layer top-1 counts [B, E].
+
+        With sample ids `index_B`, a sample seen twice (a distributed sampler pads the last batches
+        by repeating samples) counts once.
+        """
         if self._values and set(metrics) != set(self._values):
             raise ValueError(f"Metric names changed between batches: {sorted(self._values)} then {sorted(metrics)}.")
+        if index_B is not None:
+            self._index.append(index_B.detach().cpu())
         self._tasks.append(task_B.detach().cpu())
         for name, v in metrics.items():
             self._values.setdefault(name, []).append(v.detach().float().cpu())
@@ -47,6 +60,7 @@ class TaskReport:
         for report in reports:
             merged._tasks += report._tasks
             merged._top1 += report._top1
+            merged._index += report._index
             for name, values in report._values.items():
                 merged._values.setdefault(name, []).extend(values)
         return merged
@@ -55,9 +69,10 @@ class TaskReport:
         """{'tasks': {task: {metric: mean}}, 'all': {...}, 'samples': {task: n}, 'routing': {layer: {...}}}."""
         if not self._tasks:
             raise ValueError("TaskReport is empty: no evaluation batch was added.")
-        task_B = torch.cat(self._tasks)
+        keep = _first_occurrences(torch.cat(self._index)) if len(self._index) == len(self._tasks) else slice(None)
+        task_B = torch.cat(self._tasks)[keep]
         names = self.task_names or [str(i) for i in range(int(task_B.max()) + 1)]
-        values = {k: torch.cat(v) for k, v in self._values.items()}
+        values = {k: torch.cat(v)[keep] for k, v in self._values.items()}
         out: dict = {"tasks": {}, "samples": {}, "all": {k: _nanmean(v) for k, v in values.items()}, "routing": {}}
         for t in sorted(task_B.unique().tolist()):
             rows = task_B == t
@@ -65,7 +80,7 @@ class TaskReport:
             out["samples"][name] = int(rows.sum())
             out["tasks"][name] = {k: _nanmean(v[rows]) for k, v in values.items()}
         for i in range(len(self._top1[0]) if self._top1 else 0):
-            top1_BE = torch.cat([batch[i] for batch in self._top1])
+            top1_BE = torch.cat([batch[i] for batch in self._top1])[keep]
             table = task_expert_table(task_B, top1_BE, len(names))
             out["routing"][f"layer_{i}"] = {
                 "nmi": nmi(table),
@@ -74,16 +89,14 @@ class TaskReport:
             }
         return out
 
-    def write(self, directory: str | os.PathLike, stem: str = "test_report", summary: dict | None = None) -> tuple[Path, Path]:
+    def write(self, directory: str | Path, stem: str = "test_report", summary: dict | None = None) -> tuple[Path, Path]:
         """Write `{stem}.json` and `{stem}.md` atomically (temp file + rename); return their paths."""
         summary = summary or self.summary()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         paths = directory / f"{stem}.json", directory / f"{stem}.md"
-        for path, text in zip(paths, (json.dumps(summary, indent=2, allow_nan=True), to_markdown(summary))):
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+        atomic_write_text(paths[0], json.dumps(json_safe(summary), indent=2, allow_nan=False))
+        atomic_write_text(paths[1], to_markdown(summary))
         return paths
 
 
@@ -99,6 +112,25 @@ def to_markdown(summary: dict) -> str:
         lines += ["", "| layer | NMI(task; top-1 expert) | shuffled-task NMI |", "|---|---|---|"]
         lines += [f"| {k} | {v['nmi']:.3f} | {v['nmi_shuffled']:.3f} |" for k, v in summary["routing"].items()]
     return "\n".join(lines) + "\n"
+
+
+def json_safe(value):
+    """`value` with NaN floats as None, so strict JSON readers (jq, browsers) accept the file."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _first_occurrences(index_N: torch.Tensor) -> torch.Tensor:
+    """Bool [N]: True at the first position of each distinct sample id."""
+    seen: set[int] = set()
+    keep = []
+    for i in index_N.tolist():
+        keep.append(i not in seen)
+        seen.add(i)
+    return torch.tensor(keep, dtype=torch.bool)
 
 
 def _nanmean(v: torch.Tensor) -> float:
