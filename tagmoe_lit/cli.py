@@ -45,9 +45,10 @@ class TagMoECLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
+        log_dir = trainer.log_dir  # a collective call under DDP: every rank must ask
         if trainer.is_global_zero:
             ckpt = trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
-            print(f"\nTensorBoard: tensorboard --logdir {trainer.log_dir}")
+            print(f"\nTensorBoard: tensorboard --logdir {log_dir}")
             if ckpt:
                 print(f"Checkpoint:  {ckpt}")
 
