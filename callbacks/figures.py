@@ -8,18 +8,16 @@ from __future__ import annotations
 from typing import Sequence
 
 import lightning as L
-import matplotlib
-
-matplotlib.use("Agg")  # headless: no display on training nodes
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
 
-def heatmap(values_RC: torch.Tensor, rows: Sequence[str], cols: Sequence[str], title: str, vmin: float = 0.0, vmax: float = 1.0):
+def heatmap(values_RC: torch.Tensor, rows: Sequence[str], cols: Sequence[str], title: str, vmin: float = 0.0, vmax: float = 1.0) -> Figure:
     """A labelled heatmap with each cell's value written in it."""
     R, C = values_RC.shape
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * C, 0.8 + 0.35 * R), dpi=100)
+    fig = Figure(figsize=(1.2 + 0.7 * C, 0.8 + 0.35 * R), dpi=100)
+    ax = fig.subplots()
     ax.imshow(values_RC.float().numpy(), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xticks(range(C), labels=list(cols))
     ax.set_yticks(range(R), labels=list(rows))
@@ -32,12 +30,11 @@ def heatmap(values_RC: torch.Tensor, rows: Sequence[str], cols: Sequence[str], t
     return fig
 
 
-def log_figure(trainer: L.Trainer, tag: str, figure) -> None:
-    """Log a matplotlib figure at the current global step, then close it."""
+def log_figure(trainer: L.Trainer, tag: str, figure: Figure) -> None:
+    """Log a matplotlib figure at the current global step."""
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_figure(tag, figure, global_step=trainer.global_step, close=False)
-    plt.close(figure)
 
 
 def log_image(trainer: L.Trainer, tag: str, image_3HW: torch.Tensor) -> None:
