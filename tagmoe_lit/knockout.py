@@ -28,7 +28,7 @@ def knockout(cli: TagMoECLI, ckpt_path: str) -> dict:
     if not model.moe_layers:
         raise ValueError("Expert knockout needs an MoE model; this config builds a dense backbone.")
     results = {}
-    model.test_report_name = None  # the per-run test reports would overwrite each other
+    report_name, model.test_report_name = model.test_report_name, None  # per-run reports would overwrite each other
     try:
         for expert in [None, *range(model.num_experts)]:
             for layer in model.moe_layers:
@@ -38,7 +38,7 @@ def knockout(cli: TagMoECLI, ckpt_path: str) -> dict:
     finally:
         for layer in model.moe_layers:
             layer.knockout(())
-        model.test_report_name = "test_report"
+        model.test_report_name = report_name
     return results
 
 
