@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torchvision
+from lightning.pytorch.utilities import move_data_to_device
 from torch.utils.data import default_collate
 
 from callbacks.figures import log_image
@@ -68,7 +69,7 @@ class SampleGrid(L.Callback):
             for row in self._kept[task]:
                 by_size.setdefault(tuple(row["target"].shape[-2:]), []).append(row)
         for size, rows in by_size.items():
-            batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in default_collate(rows).items()}
+            batch = move_data_to_device(default_collate(rows), pl_module.device)
             generated, _ = pl_module.generate(batch, self._sampler(pl_module))
             grid = self.render(batch["source"], batch["target"], generated)
             name = "grid" if len(by_size) == 1 else f"grid_{size[0]}x{size[1]}"
