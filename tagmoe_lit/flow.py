@@ -10,6 +10,8 @@ Samplers draw from an explicit `torch.Generator`, so a training step's noise is 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 
@@ -18,7 +20,15 @@ def shift_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * sigma / (1.0 + (shift - 1.0) * sigma)
 
 
-class LogitNormalSampler:
+class TimestepSampler(ABC):
+    """Draws the training σ of n samples from a generator; subclass it to select your own by `class_path`."""
+
+    @abstractmethod
+    def __call__(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """[n] values of σ in [0, 1]."""
+
+
+class LogitNormalSampler(TimestepSampler):
     """σ = shift(sigmoid(mean + std·z)), z ~ N(0, 1): the SD3 / Qwen-Image training distribution."""
 
     def __init__(self, mean: float = 0.0, std: float = 1.0, shift: float = 1.0):
@@ -35,7 +45,7 @@ class LogitNormalSampler:
         return shift_sigma(torch.sigmoid(self.mean + self.std * z), self.shift)
 
 
-class UniformSampler:
+class UniformSampler(TimestepSampler):
     """σ ~ U(0, 1), then shifted."""
 
     def __init__(self, shift: float = 1.0):

@@ -26,7 +26,7 @@ from torch import nn
 
 from tagmoe_lit.align import MLPHead, SumTagEmbedder, alignment_baselines, alignment_loss, routing_signature
 from tagmoe_lit.backbone import FrozenTextEncoder, PixelCodec, QwenImageBackbone
-from tagmoe_lit.flow import LogitNormalSampler, flow_loss, interpolate
+from tagmoe_lit.flow import LogitNormalSampler, TimestepSampler, flow_loss, interpolate
 from tagmoe_lit.metrics.editing import confusion, edit_metrics, source_alternatives
 from tagmoe_lit.metrics.report import TaskReport
 from tagmoe_lit.moe import RoutingRecord, RoutingStats, load_balancing_loss, router_z_loss
@@ -60,7 +60,7 @@ class TagMoEModule(L.LightningModule):
         codec: nn.Module | None = None,
         tag_embedder: TagEmbedderFactory | None = SumTagEmbedder,
         head: HeadFactory = MLPHead,
-        timesteps: Callable[[int, torch.Generator], torch.Tensor] | None = None,
+        timesteps: TimestepSampler | None = None,
         sampler: EulerSampler | None = None,
         lambda_lb: float = 0.01,
         lambda_align: float = 1.0,
