@@ -9,10 +9,10 @@ Legend: B samples, C channels, H×W pixels, h×w token grid, T = h·w tokens, P 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
+
+from tagmoe_lit.backbone.local import component_dir
 
 
 def pack(x_BCHW: torch.Tensor, p: int) -> torch.Tensor:
@@ -57,14 +57,15 @@ class PixelCodec(nn.Module):
 class QwenVAECodec(nn.Module):
     """`AutoencoderKLQwenImage` latents (distribution mode, normalized by the VAE's latents_mean/std), packed 2×2.
 
-    The VAE is frozen. Load it from a local diffusers directory (`pretrained_path`, e.g. the `vae/`
-    folder of a Qwen-Image checkpoint; never downloaded) or build it from a `config` dict (tests).
+    The VAE is frozen. Load it from a local diffusers directory (`pretrained_path`: a Qwen-Image
+    root folder, whose `vae/` is used, or that `vae/` folder itself; never downloaded) or build it
+    from a `config` dict (tests).
     """
 
     def __init__(self, pretrained_path: str | None = None, config: dict | None = None, patch: int = 2):
         """
         Args:
-            pretrained_path: local folder holding the VAE's config.json and weights.
+            pretrained_path: local Qwen-Image root folder or its `vae/` folder (config.json + weights).
             config: `AutoencoderKLQwenImage` constructor arguments, for a randomly initialised VAE.
             patch: latent patch side packed into one token (Qwen-Image: 2).
         """
@@ -74,9 +75,8 @@ class QwenVAECodec(nn.Module):
         if (pretrained_path is None) == (config is None):
             raise ValueError("QwenVAECodec needs exactly one of `pretrained_path` (a local folder) or `config`.")
         if pretrained_path is not None:
-            if not Path(pretrained_path).is_dir():
-                raise ValueError(f"QwenVAECodec: pretrained_path '{pretrained_path}' is not a directory.")
-            self.vae = AutoencoderKLQwenImage.from_pretrained(pretrained_path, local_files_only=True)
+            folder = component_dir(pretrained_path, "vae", "QwenVAECodec")
+            self.vae = AutoencoderKLQwenImage.from_pretrained(folder, local_files_only=True)
         else:
             self.vae = AutoencoderKLQwenImage(**config)
         self.vae.requires_grad_(False).eval()

@@ -2,7 +2,8 @@
 
 We do not rewrite the transformer. This wrapper (1) builds it from a config, deriving the sizes
 that depend on other components (token channels from the codec, text width from the text
-encoder) in code rather than YAML interpolation (DESIGN.md pitfall 16); (2) installs the MoE
+encoder) in code rather than YAML interpolation (DESIGN.md pitfall 16), or loads it from a local
+Qwen-Image checkpoint and checks those sizes against it (`load_transformer`); (2) installs the MoE
 layers (`surgery.install_moe`); (3) does Qwen-Image-Edit's conditioning: the reference image's
 tokens are appended after the noisy target tokens as a second RoPE frame, and the prediction is
 cut back to the target tokens; (4) tells the MoE layers which tokens are the generated image's,
@@ -16,16 +17,33 @@ Legend: B samples, T target tokens, R reference tokens, L text tokens, P token c
 
 from __future__ import annotations
 
+import inspect
+
 from diffusers import QwenImageTransformer2DModel
 import torch
 from torch import nn
 
+from tagmoe_lit.backbone.local import component_dir
 from tagmoe_lit.backbone.surgery import MoEFactory, install_moe
 from tagmoe_lit.moe.stats import RoutingStats
 
 
+# The kit's tiny default (CPU) and the released Qwen-Image sizes, for the fields a checkpoint decides.
+TINY_SIZES = {"num_layers": 6, "num_attention_heads": 4, "attention_head_dim": 32, "axes_dims_rope": (8, 12, 12)}
+QWEN_IMAGE_SIZES = {"num_layers": 60, "num_attention_heads": 24, "attention_head_dim": 128, "axes_dims_rope": (16, 56, 56)}
+# What the other components give the full model: VAE tokens (16 latent channels × 2²), Qwen2.5-VL-7B width.
+QWEN_IMAGE_IO = {"token_channels": 64, "patch": 2, "out_channels": 16, "text_dim": 3584}
+
+
 class QwenImageBackbone(nn.Module):
-    """A tiny-to-full Qwen-Image MM-DiT with TAG-MoE layers in its last `moe_blocks` blocks."""
+    """A tiny-to-full Qwen-Image MM-DiT with TAG-MoE layers in its last `moe_blocks` blocks.
+
+    With `pretrained_path` the transformer is diffusers' `QwenImageTransformer2DModel` read from a
+    local folder (the Qwen-Image root or its `transformer/`); its config decides the sizes, and
+    the sizes the codec and text encoder imply must agree with it. Built on the meta device
+    (`with torch.device("meta")`), only the folder's config is read: shapes without weights,
+    for counting or for a sharded build whose weights are loaded afterwards.
+    """
 
     def __init__(
         self,
@@ -33,11 +51,12 @@ class QwenImageBackbone(nn.Module):
         patch: int,
         out_channels: int,
         text_dim: int,
-        num_layers: int = 6,
-        num_attention_heads: int = 4,
-        attention_head_dim: int = 32,
-        axes_dims_rope: tuple[int, int, int] = (8, 12, 12),
-        zero_cond_t: bool = True,
+        num_layers: int | None = None,
+        num_attention_heads: int | None = None,
+        attention_head_dim: int | None = None,
+        axes_dims_rope: tuple[int, int, int] | None = None,
+        zero_cond_t: bool | None = None,
+        pretrained_path: str | None = None,
         moe: MoEFactory | None = None,
         moe_blocks: int = 2,
         upcycle_noise: float = 0.0,
@@ -51,11 +70,15 @@ class QwenImageBackbone(nn.Module):
             patch: pixel/latent patch side per token (given by the codec).
             out_channels: channels per patch position of the prediction (given by the codec).
             text_dim: width of the text encoder's features (given by the text encoder).
-            num_layers: dual-stream blocks (Qwen-Image: 60).
-            num_attention_heads: attention heads (Qwen-Image: 24); width = heads × head dim.
-            attention_head_dim: size of one head (Qwen-Image: 128).
-            axes_dims_rope: RoPE dims for (frame, height, width); must sum to attention_head_dim.
-            zero_cond_t: modulate reference tokens with t = 0 (Qwen-Image-Edit-2511).
+            num_layers: dual-stream blocks (default 6; Qwen-Image: 60; with a checkpoint: its value).
+            num_attention_heads: attention heads (default 4; Qwen-Image: 24); width = heads × head dim.
+            attention_head_dim: size of one head (default 32; Qwen-Image: 128).
+            axes_dims_rope: RoPE dims for (frame, height, width), summing to attention_head_dim
+                (default (8, 12, 12); Qwen-Image: (16, 56, 56)).
+            zero_cond_t: modulate reference tokens with t = 0 (Qwen-Image-Edit-2511; default true,
+                with a checkpoint: its value unless given).
+            pretrained_path: local Qwen-Image root folder or its `transformer/` folder; the sizes
+                above then come from its config, and any given explicitly must equal it.
             moe: MoE layer factory (dim, hidden) → layer; null keeps the dense FFNs.
             moe_blocks: how many of the last blocks get an MoE image FFN (TAG-MoE: 10 of 60).
             upcycle_noise: relative noise added to the experts copied from the dense FFN.
@@ -64,21 +87,21 @@ class QwenImageBackbone(nn.Module):
             seed: seeds upcycling noise / re-init draws.
         """
         super().__init__()
-        if sum(axes_dims_rope) != attention_head_dim:
-            raise ValueError(
-                f"axes_dims_rope {tuple(axes_dims_rope)} must sum to attention_head_dim={attention_head_dim}."
-            )
-        self.transformer = QwenImageTransformer2DModel(
-            patch_size=patch,
-            in_channels=token_channels,
-            out_channels=out_channels,  # set explicitly: the default (16) or None would be wrong here
-            num_layers=num_layers,
-            attention_head_dim=attention_head_dim,
-            num_attention_heads=num_attention_heads,
-            joint_attention_dim=text_dim,
-            axes_dims_rope=tuple(axes_dims_rope),
-            zero_cond_t=zero_cond_t,
-        )
+        sizes = {"num_layers": num_layers, "num_attention_heads": num_attention_heads,
+                 "attention_head_dim": attention_head_dim, "axes_dims_rope": axes_dims_rope}
+        given = {k: (tuple(v) if k == "axes_dims_rope" else v) for k, v in sizes.items() if v is not None}
+        implied = {"in_channels": token_channels, "patch_size": patch, "out_channels": out_channels,
+                   "joint_attention_dim": text_dim}
+        if pretrained_path is None:
+            config = {**TINY_SIZES, **given, **implied, "zero_cond_t": True if zero_cond_t is None else zero_cond_t}
+            if sum(config["axes_dims_rope"]) != config["attention_head_dim"]:
+                raise ValueError(
+                    f"axes_dims_rope {config['axes_dims_rope']} must sum to attention_head_dim={config['attention_head_dim']}."
+                )
+            # out_channels is always explicit: diffusers' default (16) or None would be wrong for a pixel codec
+            self.transformer = QwenImageTransformer2DModel(**config)
+        else:
+            self.transformer = load_transformer(pretrained_path, given, implied, zero_cond_t)
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.moe_layers = (
@@ -86,6 +109,16 @@ class QwenImageBackbone(nn.Module):
             if moe
             else []
         )
+
+    def _apply(self, fn, recurse: bool = True):
+        """Materializing from meta (`to_empty`) leaves RoPE's plain-attribute tables on meta (DESIGN.md
+        pitfall 17): rebuild them on CPU (diffusers moves them to the input's device at forward)."""
+        super()._apply(fn, recurse)
+        rope = self.transformer.pos_embed
+        if rope.pos_freqs.is_meta and not self.transformer.img_in.weight.is_meta:
+            with torch.device("cpu"):
+                self.transformer.pos_embed = type(rope)(theta=rope.theta, axes_dim=rope.axes_dim, scale_rope=rope.scale_rope)
+        return self
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -124,3 +157,38 @@ class QwenImageBackbone(nn.Module):
         )[0]
         stats = RoutingStats([layer.last for layer in self.moe_layers]) if self.moe_layers else None
         return out_BSP[:, :T], stats
+
+
+def load_transformer(
+    pretrained_path: str, given: dict, implied: dict, zero_cond_t: bool | None
+) -> QwenImageTransformer2DModel:
+    """The local checkpoint's transformer (config only on the meta device), after checking that the
+    sizes the kit config gives or implies agree with the checkpoint's config, all in one error."""
+    folder = component_dir(pretrained_path, "transformer", "QwenImageBackbone")
+    config = QwenImageTransformer2DModel.load_config(folder)
+    checkpoint = {k: config.get(k, default) for k, default in _init_defaults().items()}
+    checkpoint["axes_dims_rope"] = tuple(checkpoint["axes_dims_rope"])
+    checkpoint["out_channels"] = checkpoint["out_channels"] or checkpoint["in_channels"]  # diffusers' fallback
+    sources = {**{k: "backbone config" for k in given}, "in_channels": "codec token_channels",
+               "patch_size": "codec patch", "out_channels": "codec channels", "joint_attention_dim": "text encoder dim"}
+    problems = [
+        f"{k}: {sources[k]} {v} vs checkpoint {checkpoint[k]}"
+        for k, v in {**given, **implied}.items()
+        if v != checkpoint[k]
+    ]
+    if problems:
+        raise ValueError(
+            f"QwenImageBackbone: the config does not match the checkpoint in {folder} ({'; '.join(problems)}); "
+            "drop the backbone sizes from the config (the checkpoint decides them) and use the codec and text "
+            "encoder of the same Qwen-Image release."
+        )
+    overrides = {} if zero_cond_t is None else {"zero_cond_t": zero_cond_t}
+    if torch.get_default_device().type == "meta":
+        return QwenImageTransformer2DModel.from_config(config, **overrides)
+    return QwenImageTransformer2DModel.from_pretrained(folder, local_files_only=True, **overrides)
+
+
+def _init_defaults() -> dict:
+    """`QwenImageTransformer2DModel`'s constructor defaults: a config.json may omit a field left at its default."""
+    params = inspect.signature(QwenImageTransformer2DModel.__init__).parameters
+    return {k: p.default for k, p in params.items() if k != "self"}
