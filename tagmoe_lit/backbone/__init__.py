@@ -2,6 +2,6 @@
 
 from tagmoe_lit.backbone.codecs import PixelCodec, QwenVAECodec
 from tagmoe_lit.backbone.qwen_image import QwenImageBackbone
-from tagmoe_lit.backbone.text import FrozenTextEncoder
+from tagmoe_lit.backbone.text import FrozenTextEncoder, QwenVLTextEncoder
 
-__all__ = ["FrozenTextEncoder", "PixelCodec", "QwenImageBackbone", "QwenVAECodec"]
+__all__ = ["FrozenTextEncoder", "PixelCodec", "QwenImageBackbone", "QwenVAECodec", "QwenVLTextEncoder"]
