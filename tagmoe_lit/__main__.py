@@ -1,4 +1,4 @@
-"""`python -m tagmoe_lit {fit,validate,test,predict,annotate,cache,knockout} …`.
+"""`python -m tagmoe_lit {fit,validate,test,predict,annotate,cache,params,knockout} …`.
 
 LightningCLI looks every subcommand up on the Trainer, so the kit's own subcommands are dispatched
 here first and the rest go to `TagMoECLI`:
@@ -7,6 +7,7 @@ here first and the rest go to `TagMoECLI`:
   (`tagmoe_lit/tags/annotators/run.py`);
 - `cache`: fill the text-embedding and latent caches for a manifest config ahead of training
   (`tagmoe_lit/data/build_cache.py`);
+- `params`: total vs active parameters, full Qwen-Image or a config's backbone (`tagmoe_lit/params.py`);
 - `knockout`: `test` with each expert removed from every MoE layer in turn (`tagmoe_lit/knockout.py`).
 """
 
@@ -26,6 +27,10 @@ def run(argv: list[str] | None = None) -> object:
         from tagmoe_lit.data.build_cache import main as cache
 
         return cache(rest)
+    if command == "params":
+        from tagmoe_lit.params import main as params
+
+        return params(rest)
     if command == "knockout":
         from tagmoe_lit.knockout import main as knockout
 
