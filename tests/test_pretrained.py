@@ -23,6 +23,7 @@ from tagmoe_lit.params import qwen_image_counts
 
 TINY_VAE = {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 2], "num_res_blocks": 1, "temperal_downsample": [False],
             "latents_mean": [0.1, 0.2, 0.3, 0.4], "latents_std": [1.0, 2.0, 3.0, 4.0]}
+ROOT = Path(__file__).resolve().parents[1]
 TEXT_DIM = 32
 # what the tiny codec and text encoder give the backbone: (token_channels, patch, out_channels, text_dim)
 TINY_IO = (16, 2, 4, TEXT_DIM)
@@ -265,6 +266,16 @@ def test_tiny_counts_match_the_closed_form_and_the_params_command_prints_a_table
     rows = params_main([])
     out = capsys.readouterr().out
     assert "| Qwen-Image dense | 20,430,401,088 (20.43 B) |" in out and len(rows) == 2
-    base = Path(__file__).resolve().parents[1] / "experiments" / "base.yaml"
-    rows = params_main(["--config", str(base), "--model.backbone.init_args.moe_blocks", "1"])
-    assert len(next(iter(rows.values()))["layers"]) == 1
+    table = [line for line in (ROOT / "docs" / "pretrained.md").read_text().splitlines() if line.startswith("| ")]
+    assert all(line in out for line in table)  # the documented table is what the command prints
+
+
+@needs_tokenizer
+def test_the_documented_yaml_overlay_builds_on_a_local_folder(qwen_root, tmp_path):
+    doc = (ROOT / "docs" / "pretrained.md").read_text()
+    overlay = tmp_path / "qwen_image.yaml"
+    overlay.write_text(doc.split("```yaml\n")[1].split("```")[0].replace("/models/Qwen-Image", str(qwen_root)))
+    args = ["--config", str(ROOT / "experiments" / "base.yaml"), "--config", str(overlay),
+            "--model.backbone.init_args.moe_blocks", "2"]  # the tiny checkpoint has 3 blocks, not 60
+    (counts,) = params_main(args).values()
+    assert (counts["total"], counts["active"]) == closed_form(3, 2, 16, *TINY_IO, moe_blocks=2)
