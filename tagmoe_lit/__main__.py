@@ -1,4 +1,4 @@
-"""`python -m tagmoe_lit {fit,validate,test,predict,annotate,cache,params,knockout} …`.
+"""`python -m tagmoe_lit {fit,validate,test,predict,annotate,cache,params,knockout,convert} …`.
 
 LightningCLI looks every subcommand up on the Trainer, so the kit's own subcommands are dispatched
 here first and the rest go to `TagMoECLI`:
@@ -8,7 +8,9 @@ here first and the rest go to `TagMoECLI`:
 - `cache`: fill the text-embedding and latent caches for a manifest config ahead of training
   (`tagmoe_lit/data/build_cache.py`);
 - `params`: total vs active parameters, full Qwen-Image or a config's backbone (`tagmoe_lit/params.py`);
-- `knockout`: `test` with each expert removed from every MoE layer in turn (`tagmoe_lit/knockout.py`).
+- `knockout`: `test` with each expert removed from every MoE layer in turn (`tagmoe_lit/knockout.py`);
+- `convert`: the official release's weights into the kit (`convert official`) and a checkpoint out
+  to a diffusers-style transformer directory (`convert export`) (`tagmoe_lit/convert/`).
 """
 
 import sys
@@ -35,6 +37,10 @@ def run(argv: list[str] | None = None) -> object:
         from tagmoe_lit.knockout import main as knockout
 
         return knockout(rest)
+    if command == "convert":
+        from tagmoe_lit.convert.cli import main as convert
+
+        return convert(rest)
     from tagmoe_lit.cli import main
 
     return main(argv if given else None)  # None: LightningCLI reads sys.argv itself (and does not warn)
