@@ -68,6 +68,10 @@ class FrozenTextEncoder(nn.Module):
             self.__dict__["_tokenizer"], self.__dict__["_model"] = tok, model
         return self._tokenizer, self._model
 
+    def frozen_model(self) -> nn.Module:
+        """The loaded frozen model, for in-place changes such as 8/4-bit storage (`tagmoe_lit.quantize`)."""
+        return self._load()[1]
+
     @torch.no_grad()
     def _features(self, text: str) -> torch.Tensor:
         """[L, D] features of one instruction, from the LRU cache or encoded *alone*: an
