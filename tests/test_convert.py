@@ -20,8 +20,8 @@ from torch import nn
 from tagmoe_lit.__main__ import run
 from tagmoe_lit.align import SumTagEmbedder
 from tagmoe_lit.backbone import QwenImageBackbone
-from tagmoe_lit.convert import files, from_official, load_transformer_dir, read_state_dict, to_official, transformer_from_dir
-from tagmoe_lit.convert.export import kit_tensors, load_checkpoint
+from tagmoe_lit.convert import files, from_official, kit_tensors, load_transformer_dir, read_state_dict, to_official, transformer_from_dir
+from tagmoe_lit.convert.export import load_checkpoint
 from tagmoe_lit.module import CheckpointMismatchError, TagMoEModule
 from tagmoe_lit.moe import MoELayer
 
@@ -263,6 +263,9 @@ def test_cli_errors_are_one_sentence_and_leave_nothing_behind(release, tmp_path)
     assert not (tmp_path / "taken" / "keep.txt").exists()
     with pytest.raises(SystemExit):
         run(["convert", "export", "--dst", str(tmp_path / "x")])  # no --ckpt_path: usage error
+    with pytest.raises(SystemExit) as help_exit:
+        run(["convert", "official", "--help"])
+    assert help_exit.value.code == 0
 
 
 def test_a_failed_write_leaves_the_destination_as_it_was(release, tmp_path, monkeypatch):

@@ -15,15 +15,7 @@ from typing import Literal
 
 import torch
 
-from tagmoe_lit.convert.files import (
-    COMPONENTS,
-    TAGMOE_CONFIG,
-    TRANSFORMER_PREFIX,
-    describe,
-    key_problems,
-    load_transformer_dir,
-    save_transformer_dir,
-)
+from tagmoe_lit.convert.files import TAGMOE_CONFIG, describe, key_problems, kit_tensors, load_transformer_dir, save_transformer_dir
 from tagmoe_lit.convert.official import to_official
 from tagmoe_lit.module import CheckpointMismatchError, TagMoEModule
 
@@ -55,19 +47,6 @@ def load_checkpoint(module: TagMoEModule, ckpt_path: str | Path) -> list[str]:
         raise CheckpointMismatchError(f"{path} does not fit this model: " + "; ".join(problems) + ".")
     module.load_state_dict(ckpt["state_dict"])
     return []
-
-
-def kit_tensors(module: TagMoEModule) -> dict[str, torch.Tensor]:
-    """The module's backbone, tag embedder and head weights, transformer keys without `backbone.transformer.`."""
-    out = {}
-    for key, t in module.state_dict().items():
-        component = key.split(".", 1)[0]
-        if component not in COMPONENTS:
-            continue  # frozen text encoder / codec: built from the config, not part of the transformer
-        if component == "backbone" and not key.startswith(TRANSFORMER_PREFIX):
-            raise ValueError(f"Backbone key {key} is outside its transformer; export supports QwenImageBackbone.")
-        out[key.removeprefix(TRANSFORMER_PREFIX)] = t
-    return out
 
 
 def export(

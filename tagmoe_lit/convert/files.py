@@ -125,7 +125,10 @@ def staged_dir(dst: str | Path, overwrite: bool = False) -> Iterator[Path]:
             old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(dst, old)
             os.replace(tmp, dst)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
         else:
             os.replace(tmp, dst)
     finally:
@@ -240,7 +243,21 @@ def key_problems(what: str, have: dict[str, torch.Tensor], want: dict[str, torch
     ]
 
 
+def kit_tensors(module: TagMoEModule) -> dict[str, torch.Tensor]:
+    """The module's backbone, tag embedder and head weights, transformer keys without `backbone.transformer.`."""
+    out = {}
+    for key, t in module.state_dict().items():
+        component = key.split(".", 1)[0]
+        if component not in COMPONENTS:
+            continue  # frozen text encoder / codec: built from the config, not part of the transformer
+        if component == "backbone" and not key.startswith(TRANSFORMER_PREFIX):
+            raise ValueError(f"Backbone key {key} is outside its transformer; export supports QwenImageBackbone.")
+        out[key.removeprefix(TRANSFORMER_PREFIX)] = t
+    return out
+
+
 def _kit_to_module_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of `kit_tensors`' renaming."""
     other = ("tag_embedder.", "head.")
     return {k if k.startswith(other) else TRANSFORMER_PREFIX + k: t for k, t in tensors.items()}
 

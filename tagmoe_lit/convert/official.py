@@ -117,10 +117,11 @@ def from_official(
             "point --src at the TAG-MoE release's transformer weights."
         )
     problems: list[str] = []
-    first = next((p for p in blocks.values() if ROUTER[0] in p), None)
-    E, D = _shape(state_dict[first[ROUTER[0]]]) if first and state_dict[first[ROUTER[0]]].dim() == 2 else (0, 0)
-    w1_first = next((state_dict[p[W1[0]]] for p in blocks.values() if W1[0] in p), None)
-    H = w1_first.shape[0] // E if E and w1_first is not None and w1_first.dim() == 2 else 0
+    # E and D from the first 2-D router, H from the first 2-D w1; every block is checked against them
+    routers = [state_dict[p[ROUTER[0]]] for p in blocks.values() if ROUTER[0] in p and state_dict[p[ROUTER[0]]].dim() == 2]
+    w1s = [state_dict[p[W1[0]]] for p in blocks.values() if W1[0] in p and state_dict[p[W1[0]]].dim() == 2]
+    E, D = _shape(routers[0]) if routers else (0, 0)
+    H = w1s[0].shape[0] // E if E and w1s else 0
     if not E:
         problems.append(f"no block has a 2-D {ROUTER[0]} [E, D], so the expert count is unknown")
     for i, parts in blocks.items():
