@@ -3,9 +3,11 @@
 For E = 4 experts, top-1, each expert the size of the dense FFN (D → 4D → D, GELU tanh), at
 1024 / 4096 / 16384 tokens and width 256 / 512, under a uniform and a skewed (70/10/10/10)
 routing, per dispatch backend. MoE and dense runs alternate in one process; each figure is the
-median of `--repeats` runs with its interquartile range. The `split` column is the dense FFN run
-on the experts' row slices without routing (see `SplitDense`): the part of the ratio due to
-smaller GEMMs alone. Tokens dropped are counted from the
+median of `--repeats` runs with its interquartile range. Two floors, both without any routing
+(see `SplitDense`): `split` runs the one dense FFN on the experts' row slices (the cost of smaller
+GEMMs alone), `floor` runs E distinct FFNs on them (smaller GEMMs plus E× the weights and weight
+gradients to stream: what any dropless MoE with these experts must pay). `moe/floor` is then what
+routing, sorting and combining cost. Tokens dropped are counted from the
 layer's own statistics (assignments processed vs tokens × K) and must be 0. Targets (2 CPU cores,
 fp32): `sorted` ≤ 1.15 at 1024 tokens and ≤ 1.05 at 4096 and 16384.
 
@@ -51,15 +53,18 @@ def dense_ffn(dim: int) -> nn.Module:
 
 
 class SplitDense(nn.Module):
-    """The dense FFN run on the same row slices the experts get, with no routing at all: the floor
-    set by smaller GEMMs alone, so MoE / split is what routing, sorting and combining cost."""
+    """FFNs run on the same row slices the experts get, with no routing at all. With one shared FFN
+    (`distinct=False`) it shows the cost of smaller GEMMs alone; with one FFN per slice it is the
+    floor of a dropless MoE, whose experts' weights and weight gradients are E× the dense FFN's."""
 
-    def __init__(self, dim: int, sizes: list[int]):
+    def __init__(self, dim: int, sizes: list[int], distinct: bool):
         super().__init__()
-        self.ffn, self.sizes = dense_ffn(dim), sizes
+        ffn = dense_ffn(dim)
+        self.ffns = nn.ModuleList([dense_ffn(dim) if distinct else ffn for _ in sizes])
+        self.sizes = sizes
 
     def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.ffn(part) for part in x_BND.split(self.sizes, dim=1)], dim=1)
+        return torch.cat([f(part) for f, part in zip(self.ffns, x_BND.split(self.sizes, dim=1))], dim=1)
 
 
 def fwd_bwd(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, iters: int = 1) -> float:
@@ -84,19 +89,26 @@ def measure(dim: int, tokens: int, routing: str, backend: str, repeats: int, dty
     router = partial(FixedShareRouter, shares=SHARES[routing], tokens=tokens)
     moe = MoELayer(dim, 4 * dim, num_experts=4, top_k=1, router=router, dispatch=backend).to(device, dtype)
     dense = dense_ffn(dim).to(device, dtype)
-    x = torch.randn(1, tokens, dim, device=device, dtype=dtype)
+    # the FFN's input is an activation inside a block, so every variant computes its gradient too
+    x = torch.randn(1, tokens, dim, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn_like(x)
     for _ in range(2):  # warm-up
         fwd_bwd(moe, x, grad), fwd_bwd(dense, x, grad)
     iters = max(1, round(0.15 / fwd_bwd(dense, x, grad)))  # ≥ ~0.15 s per timed block: less jitter
-    split = SplitDense(dim, moe.last.counts_E.long().tolist()).to(device, dtype)
-    ratios, floors, moe_t, dense_t = [], [], [], []
+    sizes = moe.last.counts_E.long().tolist()
+    split, floor = (SplitDense(dim, sizes, distinct).to(device, dtype) for distinct in (False, True))
+    for _ in range(2):
+        fwd_bwd(split, x, grad), fwd_bwd(floor, x, grad)
+    times: dict[str, list[float]] = {"moe": [], "dense": [], "split": [], "floor": []}
     for _ in range(repeats):
-        m, d, f = fwd_bwd(moe, x, grad, iters), fwd_bwd(dense, x, grad, iters), fwd_bwd(split, x, grad, iters)
-        moe_t.append(m), dense_t.append(d), ratios.append(m / d), floors.append(f / d)
+        for name, module in (("moe", moe), ("dense", dense), ("split", split), ("floor", floor)):
+            times[name].append(fwd_bwd(module, x, grad, iters))
+    ratio = lambda a, b: [ta / tb for ta, tb in zip(times[a], times[b])]  # per repeat: neighbours in time
     dropped = tokens * moe.top_k - int(moe.last.counts_E.sum())
-    return {"ratio": quartiles(ratios), "floor": statistics.median(floors), "moe_ms": statistics.median(moe_t) * 1e3,
-            "dense_ms": statistics.median(dense_t) * 1e3, "dropped": dropped}
+    return {"ratio": quartiles(ratio("moe", "dense")), "split": statistics.median(ratio("split", "dense")),
+            "floor": statistics.median(ratio("floor", "dense")), "over_floor": statistics.median(ratio("moe", "floor")),
+            "moe_ms": statistics.median(times["moe"]) * 1e3, "dense_ms": statistics.median(times["dense"]) * 1e3,
+            "dropped": dropped}
 
 
 def main() -> None:
@@ -112,7 +124,7 @@ def main() -> None:
     print(f"MoE (E=4, top-1) fwd+bwd / dense FFN, {args.dtype} on {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats} [IQR]")
     print(f"{'width':>5} {'tokens':>6} {'routing':>8} {'backend':>8} {'ratio':>6} {'IQR':>15} {'split':>6} "
-          f"{'moe ms':>8} {'dense ms':>8} {'dropped':>7}  target")
+          f"{'floor':>6} {'moe/floor':>9} {'moe ms':>8} {'dense ms':>8} {'dropped':>7}  target")
     failures = 0
     for dim in args.widths:
         for tokens in args.tokens:
@@ -126,7 +138,7 @@ def main() -> None:
                         failures += not ok
                         verdict = f"{'PASS' if ok else 'FAIL'} (≤ {TARGETS[tokens]:.2f})"
                     print(f"{dim:>5} {tokens:>6} {routing:>8} {backend:>8} {med:>6.3f} [{q1:.3f}, {q3:.3f}] "
-                          f"{r['floor']:>6.3f} {r['moe_ms']:>8.1f} {r['dense_ms']:>8.1f} {r['dropped']:>7}  {verdict}", flush=True)
+                          f"{r['split']:>6.3f} {r['floor']:>6.3f} {r['over_floor']:>9.3f} {r['moe_ms']:>8.1f} {r['dense_ms']:>8.1f} {r['dropped']:>7}  {verdict}", flush=True)
     print(f"{failures} target(s) missed")
 
 

@@ -65,6 +65,29 @@ def test_dispatch_backends_equal_loop_oracle_in_outputs_and_gradients(top_k, rou
     assert all(g is not None and g.abs().sum() > 0 for g in router_grads), "the task loss must reach the router"
 
 
+@pytest.mark.parametrize("frozen", ["experts", "first_matrix", "input"])
+def test_sorted_backend_computes_only_the_gradients_autograd_asks_for(frozen):
+    """Frozen experts (`trainable: moe_tail` freezes other parts) or a leaf input skip their
+    GEMMs; every gradient that is asked for still equals the oracle's."""
+    fast, oracle = _pair(1)
+    x = torch.randn(2, 12, 16)
+    grads = []
+    for layer in (fast, oracle):
+        if frozen == "experts":
+            layer.experts.requires_grad_(False)
+        if frozen == "first_matrix":
+            layer.experts.w1_EDH.requires_grad_(False)
+        xi = x.clone().requires_grad_(frozen != "input")
+        layer(xi).pow(2).sum().backward()
+        grads.append([xi.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (grads[0][0] is None) == (frozen == "input")
+    assert fast.router.gate.weight.grad is not None, "the router still learns"
+
+
 def test_grouped_backend_in_bf16_matches_the_loop():
     fast, oracle = _pair(1, dispatch="grouped")
     fast, oracle = fast.bfloat16(), oracle.bfloat16()

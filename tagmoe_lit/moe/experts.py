@@ -128,21 +128,31 @@ class _SortedExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_MD):
         x_MD, h_MH, g_MH, w1_EDH, b1_EH, w2_EHD, b2_ED = ctx.saved_tensors
+        need_x, _, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        need_b1, need_b2 = need_b1 and b1_EH.numel() > 0, need_b2 and b2_ED.numel() > 0
         dy_MD = dy_MD.contiguous()
-        dx_MD = torch.empty_like(x_MD)
-        dw1, dw2 = torch.empty_like(w1_EDH), torch.empty_like(w2_EHD)
-        db1, db2 = torch.empty_like(b1_EH), torch.empty_like(b2_ED)
+        # only the gradients autograd asks for (frozen experts, or a leaf input, skip GEMMs)
+        dx_MD = torch.empty_like(x_MD) if need_x else None
+        dw1 = torch.empty_like(w1_EDH) if need_w1 else None
+        dw2 = torch.empty_like(w2_EHD) if need_w2 else None
+        db1 = torch.empty_like(b1_EH) if need_b1 else None
+        db2 = torch.empty_like(b2_ED) if need_b2 else None
         start = 0
         for e, m in enumerate(ctx.counts):
             r = slice(start, start + m)
             start += m
             dy = dy_MD[r]
-            torch.mm(g_MH[r].t(), dy, out=dw2[e])
-            dh = torch.ops.aten.gelu_backward(dy @ w2_EHD[e].t(), h_MH[r], approximate="tanh")
-            torch.mm(x_MD[r].t(), dh, out=dw1[e])
-            torch.mm(dh, w1_EDH[e].t(), out=dx_MD[r])
-            if b1_EH.numel():
-                torch.sum(dh, 0, out=db1[e])
-            if b2_ED.numel():
+            if need_w2:
+                torch.mm(g_MH[r].t(), dy, out=dw2[e])
+            if need_b2:
                 torch.sum(dy, 0, out=db2[e])
-        return dx_MD, None, dw1, db1 if b1_EH.numel() else None, dw2, db2 if b2_ED.numel() else None
+            if not (need_x or need_w1 or need_b1):
+                continue
+            dh = torch.ops.aten.gelu_backward(dy @ w2_EHD[e].t(), h_MH[r], approximate="tanh")
+            if need_w1:
+                torch.mm(x_MD[r].t(), dh, out=dw1[e])
+            if need_x:
+                torch.mm(dh, w1_EDH[e].t(), out=dx_MD[r])
+            if need_b1:
+                torch.sum(dh, 0, out=db1[e])
+        return dx_MD, None, dw1, db1, dw2, db2
