@@ -17,8 +17,10 @@ the sample-grid callback all call it.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import math
-from typing import Any, Callable
+from contextlib import nullcontext
+from typing import Any, Callable, Literal
 
 import lightning as L
 import torch
@@ -31,6 +33,8 @@ from tagmoe_lit.metrics.editing import confusion, edit_metrics, source_alternati
 from tagmoe_lit.metrics.report import TaskReport
 from tagmoe_lit.moe import RoutingRecord, RoutingStats, load_balancing_loss, router_z_loss
 from tagmoe_lit.moe.losses import global_counts
+from tagmoe_lit.parallel import parallelize, rebuild_rope, rope_modules
+from tagmoe_lit.quantize import QuantMode, quantize_linears
 from tagmoe_lit.sampling import EulerSampler
 from tagmoe_lit.tags import TagSchema
 
@@ -38,6 +42,19 @@ BackboneFactory = Callable[[int, int, int, int], nn.Module]  # (token_channels, 
 TagEmbedderFactory = Callable[[int], nn.Module]  # (num_tags) → module with `.dim`
 HeadFactory = Callable[[int, int], nn.Module]  # (num_experts, tag_dim)
 EVAL_SIGMAS = (0.25, 0.5, 0.75)
+
+
+def resolve_optimizer(path: str) -> type[torch.optim.Optimizer]:
+    """The optimizer class named by an import path such as `bitsandbytes.optim.AdamW8bit`."""
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name) if module_name else None
+    except (ImportError, AttributeError):
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ValueError(f"model.optimizer '{path}' is not an importable optimizer class; use e.g. torch.optim.AdamW, "
+                         "bitsandbytes.optim.AdamW8bit or bitsandbytes.optim.PagedAdamW8bit.")
+    return cls
 
 
 def step_seed(*parts: int | str) -> int:
@@ -67,6 +84,7 @@ class TagMoEModule(L.LightningModule):
         lambda_z: float = 0.0,
         text_dropout: float = 0.1,
         reference_dropout: float = 0.05,
+        optimizer: str = "torch.optim.AdamW",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.99),
@@ -75,6 +93,11 @@ class TagMoEModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         seed: int = 0,
         sample_in_test: bool = True,
+        trainable: Literal["all", "moe_tail"] = "all",
+        quantize_frozen: QuantMode | None = None,
+        meta_init: bool = False,
+        activation_checkpointing: bool = False,
+        hybrid_shard: bool = False,
     ):
         """
         Args:
@@ -91,9 +114,12 @@ class TagMoEModule(L.LightningModule):
             lambda_z: weight of the router z-loss (ST-MoE uses 1e-3; logged even at 0).
             text_dropout: probability of training a sample with the empty instruction (for CFG).
             reference_dropout: probability of training an edit with a blank reference frame.
-            lr: peak AdamW learning rate.
-            weight_decay: AdamW weight decay.
-            betas: AdamW betas.
+            optimizer: import path of the optimizer class, called as (params, lr, betas, weight_decay):
+                torch.optim.AdamW, or bitsandbytes' 8-bit-state bitsandbytes.optim.AdamW8bit /
+                bitsandbytes.optim.PagedAdamW8bit (paging needs CUDA; on CPU it runs unpaged).
+            lr: peak learning rate.
+            weight_decay: weight decay.
+            betas: Adam betas.
             warmup_steps: linear warmup steps.
             cosine_decay: decay to `min_lr_ratio`·lr over `trainer.max_steps` after warmup.
             min_lr_ratio: final learning rate as a fraction of `lr`.
@@ -101,6 +127,19 @@ class TagMoEModule(L.LightningModule):
             sample_in_test: `test` also samples every test image and scores the edits against the
                 data's exact targets (data modules with `exact_targets`, i.e. SynthTAG; slow:
                 `sampler.steps` forwards per batch, twice with guidance); off: flow losses only.
+            trainable: all (every parameter) or moe_tail (only the MoE layers — experts and routers —,
+                the tag embedder and the head; the rest of the backbone is frozen).
+            quantize_frozen: store frozen linear layers in int8 (LLM.int8) or nf4 with bitsandbytes:
+                the text encoder's model and, with trainable: moe_tail, the blocks without MoE
+                (single-process / DDP only; null: full precision).
+            meta_init: build backbone, tag embedder and head on the meta device, for a sharded run
+                whose strategy materializes them and whose weights are then loaded (`--ckpt_path`);
+                modules without `reset_parameters` hold uninitialized memory until then.
+            activation_checkpointing: under ModelParallelStrategy (FSDP2), recompute each block in
+                backward (elsewhere: backbone.gradient_checkpointing, or FSDPStrategy's
+                activation_checkpointing_policy).
+            hybrid_shard: under ModelParallelStrategy, shard within a node and replicate across
+                nodes (HSDP) instead of sharding over all ranks.
         """
         super().__init__()
         self.schema = TagSchema.load(schema)
@@ -111,9 +150,21 @@ class TagMoEModule(L.LightningModule):
         self.sampler = sampler if sampler is not None else EulerSampler()
         self.lambda_lb, self.lambda_align, self.lambda_z = lambda_lb, lambda_align, lambda_z
         self.text_dropout, self.reference_dropout = text_dropout, reference_dropout
+        self.optimizer_class = resolve_optimizer(optimizer)
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.cosine_decay, self.min_lr_ratio = warmup_steps, cosine_decay, min_lr_ratio
         self.seed, self.sample_in_test = seed, sample_in_test
+        problems = []
+        if trainable not in ("all", "moe_tail"):
+            problems.append(f"trainable='{trainable}' is unknown; choose 'all' or 'moe_tail'")
+        if quantize_frozen not in (None, "int8", "nf4"):
+            problems.append(f"quantize_frozen='{quantize_frozen}' is unknown; choose null, 'int8' or 'nf4'")
+        if problems:
+            raise ValueError("TagMoEModule: " + "; ".join(problems) + ".")
+        self.trainable, self.quantize_frozen, self.meta_init = trainable, quantize_frozen, meta_init
+        self.activation_checkpointing, self.hybrid_shard = activation_checkpointing, hybrid_shard
+        self._ropes: list[nn.Module] = []
+        self._counts_after_forward: list[torch.Tensor] = []
         self.backbone: nn.Module | None = None
         self.tag_embedder: nn.Module | None = None
         self.head: nn.Module | None = None
@@ -125,15 +176,76 @@ class TagMoEModule(L.LightningModule):
 
     # -- building ------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Build the components once (idempotent: Lightning may call it again)."""
+        """Build the components once (idempotent: Lightning may call it again), then freeze,
+        quantize and shard them as configured. Under ModelParallelStrategy (`device_mesh` set)
+        each component is sharded with FSDP2 (`tagmoe_lit.parallel`); the model holds no
+        parallelism of its own."""
         if self.backbone is not None:
             return
-        self.backbone = self.backbone_factory(
-            self.codec.token_channels, self.codec.patch, self.codec.channels, self.text_encoder.dim
-        )
-        if self.has_moe and self.tag_embedder_factory is not None:
-            self.tag_embedder = self.tag_embedder_factory(self.schema.num_tags)
-            self.head = self.head_factory(self.num_experts, self.tag_embedder.dim)
+        mesh = self.device_mesh
+        if self.activation_checkpointing and mesh is None and self._trainer is not None:  # built for training elsewhere
+            raise ValueError("model.activation_checkpointing applies under ModelParallelStrategy (FSDP2); elsewhere set "
+                             "model.backbone.init_args.gradient_checkpointing: true or FSDPStrategy's activation_checkpointing_policy.")
+        with torch.device("meta") if self.meta_init else nullcontext():
+            self.backbone = self.backbone_factory(
+                self.codec.token_channels, self.codec.patch, self.codec.channels, self.text_encoder.dim
+            )
+            if self.has_moe and self.tag_embedder_factory is not None:
+                self.tag_embedder = self.tag_embedder_factory(self.schema.num_tags)
+                self.head = self.head_factory(self.num_experts, self.tag_embedder.dim)
+        self._ropes = rope_modules(self.backbone)
+        self._freeze_unreachable()
+        if self.trainable == "moe_tail":
+            self._freeze_all_but_moe_tail()
+        if self.quantize_frozen:
+            self._quantize_frozen(sharded=mesh is not None)
+        if mesh is not None:
+            blocks = getattr(self.backbone, "blocks", None)
+            options = {"activation_checkpointing": self.activation_checkpointing, "hybrid_shard": self.hybrid_shard}
+            parallelize(self.backbone, mesh, blocks, **options)
+            for part in (self.tag_embedder, self.head):
+                if part is not None:
+                    parallelize(part, mesh, hybrid_shard=self.hybrid_shard)
+
+    def _freeze_unreachable(self) -> None:
+        """Freeze what can never reach the loss: the MM-DiT's last block still computes a text-stream
+        output (`attn.to_add_out`, then `txt_mlp`) that nothing reads. Left trainable, these never get a
+        gradient and DDP stops with "parameters that were not used in producing the loss" (DESIGN.md
+        pitfall 2); frozen, training is unchanged (they never moved) and DDP needs no unused-parameter search."""
+        blocks = getattr(self.backbone, "blocks", None)
+        if not blocks:
+            return
+        last = blocks[-1]
+        for dead in (getattr(getattr(last, "attn", None), "to_add_out", None), getattr(last, "txt_mlp", None)):
+            if dead is not None:
+                dead.requires_grad_(False)
+
+    def _freeze_all_but_moe_tail(self) -> None:
+        """trainable: moe_tail — only the MoE layers (experts, routers), tag embedder and head learn."""
+        if not self.has_moe:
+            raise ValueError("trainable: moe_tail needs MoE layers, but the backbone has none; set model.backbone.init_args.moe "
+                             "or use trainable: all.")
+        self.requires_grad_(False)
+        for part in (*self.moe_layers, self.tag_embedder, self.head):
+            if part is not None:
+                part.requires_grad_(True)
+
+    def _quantize_frozen(self, sharded: bool) -> None:
+        """Store the frozen text encoder and (moe_tail) the blocks without MoE in `quantize_frozen` bits."""
+        frozen_model = getattr(self.text_encoder, "frozen_model", None)  # the encoder's model is outside the module tree
+        swapped = quantize_linears(frozen_model(), self.quantize_frozen) if frozen_model is not None else 0
+        if self.trainable == "moe_tail":
+            if sharded:
+                raise ValueError("quantize_frozen with trainable: moe_tail quantizes backbone blocks, which FSDP cannot shard; "
+                                 "use DDP or a single device, or set quantize_frozen: null.")
+            moe_layers = set(map(id, self.moe_layers))
+            for block in getattr(self.backbone, "blocks", []):
+                if not any(id(m) in moe_layers for m in block.modules()):
+                    swapped += quantize_linears(block, self.quantize_frozen)
+        if not swapped:
+            raise ValueError(f"quantize_frozen: {self.quantize_frozen} found no frozen linear layer (the text encoder "
+                             f"{type(self.text_encoder).__name__} exposes no frozen_model and trainable is {self.trainable}); "
+                             "set quantize_frozen: null.")
 
     @property
     def moe_layers(self) -> list[nn.Module]:
@@ -170,6 +282,8 @@ class TagMoEModule(L.LightningModule):
         `tag_embedding` (s, [B, D]) reaches only routers that declare `needs_context` (the
         tag-conditioned oracle); TAG-MoE's own routers never see tags.
         """
+        if self._ropes:  # materialized from meta by a strategy: RoPE tables are plain attributes (pitfall 17)
+            rebuild_rope(self._ropes)
         for layer in self.moe_layers:
             layer.context = tag_embedding
         text, text_mask = self.text_encoder(instructions, device=noisy.device)
@@ -203,6 +317,27 @@ class TagMoEModule(L.LightningModule):
             self._draw_noise(x[i : i + 1], torch.Generator().manual_seed(step_seed(self.seed, purpose, i_global)))
             for i, i_global in enumerate(batch["index"].tolist())
         ])
+
+    def _training_draws(self, x: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, ...]:
+        """σ [B], ε, drop_text [B], drop_ref [B] of a training batch, each sample from its own generator.
+
+        The generator is seeded by (seed, global step, the sample's position in the step's global
+        batch): micro-batch m of A on rank r of W holds positions (m·W + r)·B … + B − 1, which is the
+        data modules' layout (`data/datamodule.py`). So the draws depend neither on how the global
+        batch is split into ranks and micro-batches nor on batch-mates: 2 ranks × B see exactly the
+        noise of 1 rank × 2B, and a resumed run the noise of a straight one.
+        """
+        B = x.shape[0]
+        micro, world = (batch_idx % self.trainer.accumulate_grad_batches, self.trainer.world_size) if self._trainer else (0, 1)
+        first = (micro * world + self.global_rank) * B
+        sigma, noise, drop_text, drop_ref = [], [], [], []
+        for i in range(B):
+            gen = torch.Generator().manual_seed(step_seed(self.seed, "train", self.global_step, first + i))
+            sigma.append(self.timesteps(1, gen))
+            noise.append(self._draw_noise(x[i : i + 1], gen))
+            drop_text.append(torch.rand(1, generator=gen) < self.text_dropout)
+            drop_ref.append(torch.rand(1, generator=gen) < self.reference_dropout)
+        return torch.cat(sigma), torch.cat(noise), torch.cat(drop_text), torch.cat(drop_ref)
 
     def loss_terms(
         self,
@@ -252,19 +387,12 @@ class TagMoEModule(L.LightningModule):
         return terms
 
     # -- training ------------------------------------------------------------------------------
-    def _step_generator(self, batch_idx: int) -> torch.Generator:
-        micro = batch_idx % self.trainer.accumulate_grad_batches if self._trainer else 0
-        return torch.Generator().manual_seed(step_seed(self.seed, self.global_step, micro, self.global_rank))
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x = batch["target"]
         B = x.shape[0]
-        gen = self._step_generator(batch_idx)
-        sigma = self.timesteps(B, gen)
-        noise = self._draw_noise(x, gen)
-        drop_text = torch.rand(B, generator=gen) < self.text_dropout
-        drop_ref = torch.rand(B, generator=gen) < self.reference_dropout
+        sigma, noise, drop_text, drop_ref = self._training_draws(x, batch_idx)
         terms = self.loss_terms(batch, sigma.to(x.device), noise, drop_text, drop_ref)
+        self._counts_after_forward = [layer.pending_counts_E.clone() for layer in self.moe_layers]
         if not torch.isfinite(terms["loss"]):
             raise FloatingPointError(
                 f"Training loss is {terms['loss'].item()} at step {self.global_step} (terms: "
@@ -391,6 +519,13 @@ class TagMoEModule(L.LightningModule):
         images, signature_LBE = self.generate(batch)
         return {"images": images, "signature_LBE": signature_LBE}
 
+    def on_after_backward(self) -> None:
+        """Undo the counting of activation checkpointing's forward re-run (DESIGN.md pitfall 8): the
+        layers count in every forward, and a recomputed block forwards twice per step."""
+        for layer, counts_E in zip(self.moe_layers, self._counts_after_forward):
+            layer.pending_counts_E.copy_(counts_E)
+        self._counts_after_forward = []
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Once per optimizer step: global expert counts of the step feed routers' bias updates."""
         layers = self.moe_layers
@@ -405,7 +540,7 @@ class TagMoEModule(L.LightningModule):
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        opt = self.optimizer_class(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
 
         def schedule(step: int) -> float:

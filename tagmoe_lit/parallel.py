@@ -1,0 +1,126 @@
+"""Parallelism applied from outside the model: FSDP2 (`fully_shard`) and the meta-device repairs it needs.
+
+The model only exposes its blocks (`QwenImageBackbone.blocks`); this file decides how they are
+sharded, as torchtitan's `parallelize_*` functions do, in a fixed order: activation checkpointing
+on each block, `fully_shard` on each block, then `fully_shard` on the root, so every parameter
+outside the blocks (embedders, norms, MoE heads) is sharded and its gradients are reduced too.
+`TagMoEModule.configure_model` calls `parallelize` only under Lightning's `ModelParallelStrategy`
+(which sets `device_mesh`); Lightning's FSDP1 `FSDPStrategy` wraps by class from its YAML instead.
+
+Lightning's mesh is 2-D (`data_parallel` × `tensor_parallel`, by default nodes × devices per node).
+TAG-MoE has no tensor parallelism, so every rank is a data-parallel rank: the default shards each
+parameter over all ranks (FSDP); `hybrid_shard` shards within the mesh's last dim and replicates
+across its first (HSDP: shard within a node, replicate across nodes).
+
+A model built on the meta device and materialized with `to_empty` keeps diffusers'
+`QwenEmbedRope.pos_freqs` / `neg_freqs` on meta, because they are plain attributes, not buffers
+(DESIGN.md pitfall 17); `rebuild_rope` recomputes them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+def shard_mesh(device_mesh: DeviceMesh, hybrid_shard: bool = False) -> DeviceMesh:
+    """The mesh to shard over: all ranks as one dim (FSDP), or Lightning's 2-D mesh as (replicate, shard)."""
+    if hybrid_shard:
+        if device_mesh.ndim != 2:
+            raise ValueError(f"hybrid_shard needs a 2-D device mesh (replicate × shard) but got {device_mesh.ndim} dims; "
+                             "use Lightning's ModelParallelStrategy, whose mesh is nodes × devices.")
+        return device_mesh
+    if device_mesh.ndim == 1:
+        return device_mesh
+    return init_device_mesh(device_mesh.device_type, (device_mesh.size(),), mesh_dim_names=("shard",))
+
+
+def parallelize(
+    module: nn.Module,
+    device_mesh: DeviceMesh,
+    blocks: nn.ModuleList | None = None,
+    activation_checkpointing: bool = False,
+    hybrid_shard: bool = False,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """FSDP2 on `module`: optionally checkpoint each of `blocks`, shard each block, then the root.
+
+    Args:
+        module: the root to shard (e.g. the backbone); its parameters outside `blocks` form the root unit.
+        device_mesh: the strategy's mesh (Lightning's `LightningModule.device_mesh`).
+        blocks: the transformer blocks inside `module`, each its own unit (replaced in place when checkpointed).
+        activation_checkpointing: recompute each block's activations in backward (`checkpoint_wrapper`).
+        hybrid_shard: HSDP over a 2-D mesh instead of sharding over all ranks (see module doc).
+        reshard_after_forward: free gathered parameters after forward (ZeRO-3); False keeps them to backward.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = shard_mesh(device_mesh, hybrid_shard)
+    for i, block in enumerate(blocks if blocks is not None else []):
+        if activation_checkpointing:
+            blocks[i] = block = checkpoint_wrapper(block)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return module
+
+
+def rope_modules(model: nn.Module) -> list[nn.Module]:
+    """diffusers' RoPE table holders (`QwenEmbedRope`) inside `model`."""
+    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+
+    return [m for m in model.modules() if isinstance(m, QwenEmbedRope)]
+
+
+def rebuild_rope(ropes: Iterable[nn.Module]) -> int:
+    """Recompute RoPE tables left on the meta device (after meta init + `to_empty`); returns how many."""
+    rebuilt = 0
+    for rope in ropes:
+        if not (rope.pos_freqs.is_meta or rope.neg_freqs.is_meta):
+            continue
+        with torch.device("cpu"):  # diffusers keeps them on CPU and moves a copy per device
+            fresh = type(rope)(rope.theta, rope.axes_dim, rope.scale_rope)
+        rope.pos_freqs, rope.neg_freqs = fresh.pos_freqs, fresh.neg_freqs  # no forward ran on meta: no stale per-device copies
+        rebuilt += 1
+    return rebuilt
+
+
+def consolidate_checkpoint(folder: str | Path, output: str | Path) -> Path:
+    """One `.ckpt` file from a ModelParallelStrategy checkpoint directory, loadable in a single process.
+
+    The directory holds each rank's shards (torch.distributed.checkpoint) and `meta.pt` (step,
+    loops, callbacks, the `tagmoe` record). The result holds the full `state_dict` and that
+    metadata, so `validate` / `test` / `predict --ckpt_path` and `convert export` read it like any
+    single-process checkpoint. Optimizer states are left out: their sharded form is keyed by
+    parameter name, which a plain optimizer cannot load; resume training from the directory
+    itself (torch.distributed.checkpoint reshards it to any world size).
+    """
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    folder, output = Path(folder), Path(output)
+    if not (folder / ".metadata").is_file() or not (folder / "meta.pt").is_file():
+        raise ValueError(f"{folder} is not a ModelParallelStrategy checkpoint directory (no .metadata / meta.pt); "
+                         "pass the `.ckpt` directory the run saved.")
+    gathered = output.with_name(output.name + ".gathered")
+    try:
+        dcp_to_torch_save(folder, gathered)  # every shard, gathered without a process group
+        state_dict = torch.load(gathered, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+        metadata = torch.load(folder / "meta.pt", map_location="cpu", weights_only=True)
+        torch.save({**metadata, "state_dict": state_dict}, output)
+    finally:
+        gathered.unlink(missing_ok=True)
+    return output
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tagmoe_lit.parallel", description=consolidate_checkpoint.__doc__.splitlines()[0])
+    parser.add_argument("folder", help="the checkpoint directory a ModelParallelStrategy run saved (e.g. last.ckpt/)")
+    parser.add_argument("output", help="the single .ckpt file to write")
+    args = parser.parse_args()
+    print(f"Wrote {consolidate_checkpoint(args.folder, args.output)}")
