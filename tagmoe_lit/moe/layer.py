@@ -143,7 +143,7 @@ class MoELayer(nn.Module):
         run = self.experts.forward_grouped if grouped else self.experts.forward_sorted
         y_MD = run(x_MD, counts_E)
         y_MD = (y_MD.float() * scores_NK.reshape(-1)[order_M, None]).to(x_ND.dtype)
-        out_MD = y_MD.new_empty(N * self.top_k, D).index_copy(0, order_M, y_MD)
+        out_MD = y_MD.new_empty(N * self.top_k, D).index_copy_(0, order_M, y_MD)  # in place: no clone of the buffer
         return out_MD if self.top_k == 1 else out_MD.view(N, self.top_k, D).sum(1)
 
     def _mix_loop(self, x_ND: torch.Tensor, scores_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
