@@ -29,13 +29,16 @@ from tagmoe_lit.parallel import consolidate_checkpoint
 from test_configs import BASE, ROOT
 
 STEPS, PER_RANK = 3, 4
-TINY = [
+TINY_MODEL = [  # base.yaml scaled down: 2 blocks (both MoE) × width 32 on 16 px images
     "--model.backbone.init_args.num_layers", "2",
     "--model.backbone.init_args.num_attention_heads", "2",
     "--model.backbone.init_args.attention_head_dim", "16",
     "--model.backbone.init_args.axes_dims_rope", "[4, 6, 6]",
     "--model.warmup_steps", "1",
     "--data.image_size", "16",
+]
+TINY = [
+    *TINY_MODEL,
     "--trainer.max_steps", str(STEPS),
     "--trainer.num_sanity_val_steps", "0",
     "--trainer.limit_val_batches", "0",

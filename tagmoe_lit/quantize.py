@@ -1,0 +1,58 @@
+"""8-bit / 4-bit storage of *frozen* linear layers with bitsandbytes modules, on CPU or GPU.
+
+Lightning's `BitsandbytesPrecision` is CUDA-only (DESIGN.md pitfall 20), and transformers'
+quantized loading needs `accelerate` and a GPU, so this swaps `nn.Linear` for `bnb.nn.Linear8bitLt`
+(LLM.int8, weights int8 + per-row scales) or `bnb.nn.Linear4bit` (NF4, compute in the input's
+dtype) in place, copying the weights. Only frozen modules are quantized: the weights lose
+precision and get no gradient, though inputs still get one (gradients flow *through* them).
+
+Where it applies (`TagMoEModule.quantize_frozen`): the frozen text encoder, and with
+`trainable: moe_tail` the backbone blocks that hold no MoE layer. Quantized modules are for
+single-process and DDP runs: FSDP cannot shard bitsandbytes' packed parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+QuantMode = Literal["int8", "nf4"]
+MODES = ("int8", "nf4")
+
+
+def quantized_linear(linear: nn.Linear, mode: QuantMode) -> nn.Module:
+    """A bitsandbytes copy of a frozen `linear`, quantized on its device."""
+    import bitsandbytes as bnb
+
+    device = linear.weight.device
+    weight = linear.weight.detach().float().cpu()
+    if mode == "int8":
+        q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False)
+        q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=torch.float32, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.detach().float().cpu(), requires_grad=False)
+    return q.to(device)  # moving the bnb parameters is what quantizes them
+
+
+def quantize_linears(module: nn.Module, mode: QuantMode) -> int:
+    """Replace every `nn.Linear` inside frozen `module` by its `mode` bitsandbytes copy; returns how many.
+
+    Raises if any of the module's parameters is trainable: quantized weights get no gradient.
+    """
+    if mode not in MODES:
+        raise ValueError(f"Unknown quantization mode {mode!r}; choose one of {list(MODES)} (or null for none).")
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    if trainable:
+        raise ValueError(f"Only frozen modules can be quantized, but {trainable[0]} (and {len(trainable) - 1} more) "
+                         "requires grad; freeze it first (e.g. trainable: moe_tail).")
+    targets = [(name, m) for name, m in module.named_modules() if name and type(m) is nn.Linear]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, child, quantized_linear(linear, mode))
+    return len(targets)
