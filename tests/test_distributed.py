@@ -25,6 +25,9 @@ import pytest
 import torch
 
 from tagmoe_lit.cli import TagMoECLI
+from tagmoe_lit.moe import RoutingStats, load_balancing_loss
+from tagmoe_lit.moe.losses import global_counts
+from tagmoe_lit.moe.stats import LayerRouting
 from tagmoe_lit.parallel import consolidate_checkpoint
 from test_configs import BASE, ROOT
 
@@ -120,6 +123,32 @@ def assert_same_run(one: Path, two: Path) -> float:
     return diff
 
 
+def _balance_worker(rank: int, store_path: str, out_path: str) -> None:
+    """Rank r routes differently from rank 1 − r; both must see the global counts and lb loss."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    counts_LE = torch.tensor([[6.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 5.0]]) * (rank + 1)
+    layers = [LayerRouting(probs_mean_E=torch.full((4,), 0.25) + 0.1 * rank * torch.tensor([1.0, -1.0, 0.0, 0.0]),
+                           counts_E=c, step_counts_E=c, signature_BE=torch.zeros(1, 4), top1_counts_BE=torch.zeros(1, 4),
+                           entropy=torch.tensor(0.0), z_loss=torch.tensor(0.0)) for c in counts_LE]
+    result = {"counts": global_counts(counts_LE).tolist(), "lb": load_balancing_loss(RoutingStats(layers)).item()}
+    Path(out_path.format(rank)).write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_balance_statistics_are_reduced_over_ranks(tmp_path):
+    """`global_counts` sums over ranks and the lb loss uses those counts with each rank's own P."""
+    out = str(tmp_path / "rank{}.json")
+    torch.multiprocessing.spawn(_balance_worker, args=(str(tmp_path / "store"), out), nprocs=2)
+    results = [json.loads(Path(out.format(r)).read_text()) for r in range(2)]
+    total_LE = torch.tensor([[6.0, 2.0, 0.0, 0.0], [1.0, 1.0, 1.0, 5.0]]) * 3
+    f_LE = total_LE / total_LE.sum(-1, keepdim=True)
+    for rank, result in enumerate(results):
+        assert result["counts"] == total_LE.tolist()
+        P_E = torch.full((4,), 0.25) + 0.1 * rank * torch.tensor([1.0, -1.0, 0.0, 0.0])
+        assert result["lb"] == pytest.approx((4 * (f_LE * P_E).sum(-1)).mean().item(), abs=1e-6)
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
     single(tmp_path / "one")
@@ -142,3 +171,27 @@ def test_fsdp2_with_idle_experts_equals_one_process_and_consolidates_for_a_singl
     cli = TagMoECLI(args=["validate", *common(tmp_path / "val", PER_RANK), "--trainer.limit_val_batches", "1",
                           "--data.val_samples", "4", "--ckpt_path", str(consolidated)])
     assert cli.trainer.ckpt_path == str(consolidated) and "val/flow_fixed" in cli.trainer.callback_metrics
+
+
+def test_meta_init_allocates_nothing_and_trains_after_per_module_materialization():
+    """As FSDP1 materializes (each module `to_empty(recurse=False)`, which never reaches the backbone
+    wrapper's own RoPE repair): the module rebuilds the RoPE tables at its first forward (pitfall 17)."""
+    from conftest import tiny_batch, tiny_module
+
+    module = tiny_module(meta_init=True)
+    parts = [module.backbone, module.tag_embedder, module.head]
+    assert all(p.is_meta for part in parts for p in part.parameters())
+    gen = torch.Generator().manual_seed(0)
+    for part in parts:
+        for m in part.modules():
+            if any(t.is_meta for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))):
+                m.to_empty(device="cpu", recurse=False)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    assert module.backbone.transformer.pos_embed.pos_freqs.is_meta
+    batch = tiny_batch(module)
+    x0, _ = module.encode_images(batch)
+    no = torch.zeros(4, dtype=torch.bool)
+    loss = module.loss_terms(batch, torch.full((4,), 0.5), torch.randn_like(x0), no, no)["loss"]
+    assert torch.isfinite(loss) and not module.backbone.transformer.pos_embed.pos_freqs.is_meta
