@@ -183,7 +183,7 @@ class TagMoEModule(L.LightningModule):
         if self.backbone is not None:
             return
         mesh = self.device_mesh
-        if self.activation_checkpointing and mesh is None and self._trainer is not None:  # built for training elsewhere
+        if self.activation_checkpointing and mesh is None and self._trainer is not None:  # no trainer: inspection, export
             raise ValueError("model.activation_checkpointing applies under ModelParallelStrategy (FSDP2); elsewhere set "
                              "model.backbone.init_args.gradient_checkpointing: true or FSDPStrategy's activation_checkpointing_policy.")
         with torch.device("meta") if self.meta_init else nullcontext():
@@ -518,6 +518,12 @@ class TagMoEModule(L.LightningModule):
         """Generated images with their routing signatures, for `callbacks.PredictionWriter`."""
         images, signature_LBE = self.generate(batch)
         return {"images": images, "signature_LBE": signature_LBE}
+
+    def on_train_start(self) -> None:
+        """A fit starts with no pending expert counts (the buffer is not saved, and after a meta-device
+        build the strategy's materialization leaves it uninitialized: MoELayer has no reset_parameters)."""
+        for layer in self.moe_layers:
+            layer.pending_counts_E.zero_()
 
     def on_after_backward(self) -> None:
         """Undo the counting of activation checkpointing's forward re-run (DESIGN.md pitfall 8): the

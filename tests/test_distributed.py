@@ -175,7 +175,8 @@ def test_fsdp2_with_idle_experts_equals_one_process_and_consolidates_for_a_singl
 
 def test_meta_init_allocates_nothing_and_trains_after_per_module_materialization():
     """As FSDP1 materializes (each module `to_empty(recurse=False)`, which never reaches the backbone
-    wrapper's own RoPE repair): the module rebuilds the RoPE tables at its first forward (pitfall 17)."""
+    wrapper's own RoPE repair): the module rebuilds the RoPE tables at its first forward (pitfall 17)
+    and zeroes the expert counts when training starts."""
     from conftest import tiny_batch, tiny_module
 
     module = tiny_module(meta_init=True)
@@ -190,6 +191,7 @@ def test_meta_init_allocates_nothing_and_trains_after_per_module_materialization
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     assert module.backbone.transformer.pos_embed.pos_freqs.is_meta
+    module.on_train_start()  # zeroes the expert-count buffers, uninitialized after to_empty
     batch = tiny_batch(module)
     x0, _ = module.encode_images(batch)
     no = torch.zeros(4, dtype=torch.bool)
