@@ -33,7 +33,7 @@ from tagmoe_lit.metrics.editing import confusion, edit_metrics, source_alternati
 from tagmoe_lit.metrics.report import TaskReport
 from tagmoe_lit.moe import RoutingRecord, RoutingStats, load_balancing_loss, router_z_loss
 from tagmoe_lit.moe.losses import global_counts
-from tagmoe_lit.parallel import parallelize, rebuild_rope, rope_modules
+from tagmoe_lit.parallel import parallelize
 from tagmoe_lit.quantize import QuantMode, quantize_linears
 from tagmoe_lit.sampling import EulerSampler
 from tagmoe_lit.tags import TagSchema
@@ -163,7 +163,6 @@ class TagMoEModule(L.LightningModule):
             raise ValueError("TagMoEModule: " + "; ".join(problems) + ".")
         self.trainable, self.quantize_frozen, self.meta_init = trainable, quantize_frozen, meta_init
         self.activation_checkpointing, self.hybrid_shard = activation_checkpointing, hybrid_shard
-        self._ropes: list[nn.Module] = []
         self._counts_after_forward: list[torch.Tensor] = []
         self.backbone: nn.Module | None = None
         self.tag_embedder: nn.Module | None = None
@@ -193,7 +192,6 @@ class TagMoEModule(L.LightningModule):
             if self.has_moe and self.tag_embedder_factory is not None:
                 self.tag_embedder = self.tag_embedder_factory(self.schema.num_tags)
                 self.head = self.head_factory(self.num_experts, self.tag_embedder.dim)
-        self._ropes = rope_modules(self.backbone)
         self._freeze_unreachable()
         if self.trainable == "moe_tail":
             self._freeze_all_but_moe_tail()
@@ -282,8 +280,9 @@ class TagMoEModule(L.LightningModule):
         `tag_embedding` (s, [B, D]) reaches only routers that declare `needs_context` (the
         tag-conditioned oracle); TAG-MoE's own routers never see tags.
         """
-        if self._ropes:  # materialized from meta by a strategy: RoPE tables are plain attributes (pitfall 17)
-            rebuild_rope(self._ropes)
+        rebuild_rope = getattr(self.backbone, "rebuild_rope", None)
+        if rebuild_rope is not None:  # a strategy that materializes module by module (FSDP1) never calls the backbone's _apply
+            rebuild_rope()
         for layer in self.moe_layers:
             layer.context = tag_embedding
         text, text_mask = self.text_encoder(instructions, device=noisy.device)

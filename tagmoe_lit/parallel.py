@@ -1,4 +1,4 @@
-"""Parallelism applied from outside the model: FSDP2 (`fully_shard`) and the meta-device repairs it needs.
+"""Parallelism applied from outside the model: FSDP2 (`fully_shard`) and consolidation of its checkpoints.
 
 The model only exposes its blocks (`QwenImageBackbone.blocks`); this file decides how they are
 sharded, as torchtitan's `parallelize_*` functions do, in a fixed order: activation checkpointing
@@ -12,15 +12,13 @@ TAG-MoE has no tensor parallelism, so every rank is a data-parallel rank: the de
 parameter over all ranks (FSDP); `hybrid_shard` shards within the mesh's last dim and replicates
 across its first (HSDP: shard within a node, replicate across nodes).
 
-A model built on the meta device and materialized with `to_empty` keeps diffusers'
-`QwenEmbedRope.pos_freqs` / `neg_freqs` on meta, because they are plain attributes, not buffers
-(DESIGN.md pitfall 17); `rebuild_rope` recomputes them.
+A model built on the meta device and materialized keeps diffusers' RoPE tables on meta (plain
+attributes, DESIGN.md pitfall 17); that is the model's own repair (`QwenImageBackbone.rebuild_rope`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -67,26 +65,6 @@ def parallelize(
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return module
-
-
-def rope_modules(model: nn.Module) -> list[nn.Module]:
-    """diffusers' RoPE table holders (`QwenEmbedRope`) inside `model`."""
-    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
-
-    return [m for m in model.modules() if isinstance(m, QwenEmbedRope)]
-
-
-def rebuild_rope(ropes: Iterable[nn.Module]) -> int:
-    """Recompute RoPE tables left on the meta device (after meta init + `to_empty`); returns how many."""
-    rebuilt = 0
-    for rope in ropes:
-        if not (rope.pos_freqs.is_meta or rope.neg_freqs.is_meta):
-            continue
-        with torch.device("cpu"):  # diffusers keeps them on CPU and moves a copy per device
-            fresh = type(rope)(rope.theta, rope.axes_dim, rope.scale_rope)
-        rope.pos_freqs, rope.neg_freqs = fresh.pos_freqs, fresh.neg_freqs  # no forward ran on meta: no stale per-device copies
-        rebuilt += 1
-    return rebuilt
 
 
 def consolidate_checkpoint(folder: str | Path, output: str | Path) -> Path:

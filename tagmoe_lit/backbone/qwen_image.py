@@ -110,14 +110,26 @@ class QwenImageBackbone(nn.Module):
             else []
         )
 
-    def _apply(self, fn, recurse: bool = True):
-        """Materializing from meta (`to_empty`) leaves RoPE's plain-attribute tables on meta (DESIGN.md
-        pitfall 17): rebuild them on CPU (diffusers moves them to the input's device at forward)."""
-        super()._apply(fn, recurse)
+    def rebuild_rope(self) -> bool:
+        """Recompute RoPE's tables if they are on the meta device; True if it did.
+
+        diffusers' `QwenEmbedRope.pos_freqs` / `neg_freqs` are plain attributes, not buffers, so
+        materializing a meta build (`to_empty`, or a strategy's per-module init) leaves them on meta
+        (DESIGN.md pitfall 17). They are rebuilt on CPU (diffusers moves them to the input's device at
+        forward) and swapped into the same module, so wrappers holding it (FSDP) stay valid.
+        """
         rope = self.transformer.pos_embed
-        if rope.pos_freqs.is_meta and not self.transformer.img_in.weight.is_meta:
-            with torch.device("cpu"):
-                self.transformer.pos_embed = type(rope)(theta=rope.theta, axes_dim=rope.axes_dim, scale_rope=rope.scale_rope)
+        if not (rope.pos_freqs.is_meta or rope.neg_freqs.is_meta):
+            return False
+        with torch.device("cpu"):
+            fresh = type(rope)(theta=rope.theta, axes_dim=rope.axes_dim, scale_rope=rope.scale_rope)
+        rope.pos_freqs, rope.neg_freqs = fresh.pos_freqs, fresh.neg_freqs
+        return True
+
+    def _apply(self, fn, recurse: bool = True):
+        """`to_empty` and other casts go through here: repair RoPE right after (see `rebuild_rope`)."""
+        super()._apply(fn, recurse)
+        self.rebuild_rope()
         return self
 
     @property
