@@ -8,6 +8,11 @@ so a large backbone is never built at parse time), and its step reads like DiT's
     v̂, routing = backbone(x_σ, reference, text, σ)
     L = L_flow + λ_lb·L_lb + λ_align·(1 − cos(H(g), s))
 
+With `meta_init` the components are built on the meta device and materialized with their
+declared init once the strategy has placed (and, FSDP2, sharded) them; `init_weights` then fills
+them from a Qwen-Image release or a `convert` directory at the first loop start, unless
+`--ckpt_path` restores a checkpoint (docs/distributed.md).
+
 After every training and evaluation forward the module publishes `routing`, a `RoutingRecord`
 (detached routing stats, the batch's task ids and tags, s and the head's cosine to it); callbacks
 read that attribute and nothing else. `generate` is the one sampling path: `predict`, `test` and
@@ -20,20 +25,25 @@ import hashlib
 import importlib
 import math
 from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from tagmoe_lit.align import MLPHead, SumTagEmbedder, alignment_baselines, alignment_loss, routing_signature
 from tagmoe_lit.backbone import FrozenTextEncoder, PixelCodec, QwenImageBackbone
+from tagmoe_lit.convert.files import COMPONENTS, pretrained_tensors
 from tagmoe_lit.flow import LogitNormalSampler, TimestepSampler, flow_loss, interpolate
 from tagmoe_lit.metrics.editing import confusion, edit_metrics, source_alternatives
 from tagmoe_lit.metrics.report import TaskReport
 from tagmoe_lit.moe import RoutingRecord, RoutingStats, load_balancing_loss, router_z_loss
 from tagmoe_lit.moe.losses import global_counts
-from tagmoe_lit.parallel import parallelize
+from tagmoe_lit.parallel import materialize_, parallelize, uninitializable
 from tagmoe_lit.quantize import QuantMode, quantize_linears
 from tagmoe_lit.sampling import EulerSampler
 from tagmoe_lit.tags import TagSchema
@@ -96,6 +106,7 @@ class TagMoEModule(L.LightningModule):
         trainable: Literal["all", "moe_tail"] = "all",
         quantize_frozen: QuantMode | None = None,
         meta_init: bool = False,
+        init_weights: str | None = None,
         activation_checkpointing: bool = False,
         hybrid_shard: bool = False,
     ):
@@ -132,9 +143,15 @@ class TagMoEModule(L.LightningModule):
             quantize_frozen: store frozen linear layers in int8 (LLM.int8) or nf4 with bitsandbytes:
                 the text encoder's model and, with trainable: moe_tail, the blocks without MoE
                 (single-process / DDP only; null: full precision).
-            meta_init: build backbone, tag embedder and head on the meta device, for a sharded run
-                whose strategy materializes them and whose weights are then loaded (`--ckpt_path`);
-                modules without `reset_parameters` hold uninitialized memory until then.
+            meta_init: build backbone, tag embedder and head on the meta device (no rank holds the
+                whole model), then allocate them where the strategy places them (sharded under
+                FSDP/FSDP2) with every module's declared init, as an eager build would start;
+                weights come from `init_weights` or `--ckpt_path`, else training starts from scratch.
+            init_weights: full weights to start from: a diffusers Qwen-Image folder (root or
+                `transformer/`; dense, so the MoE experts are upcycled from its FFNs and the routers,
+                tag embedder and head keep their init) or a `convert official` / `convert export`
+                directory. Loaded once the model is materialized and sharded, before the first step;
+                `--ckpt_path` wins (null: no weights loaded).
             activation_checkpointing: under ModelParallelStrategy (FSDP2), recompute each block in
                 backward (elsewhere: backbone.gradient_checkpointing, or FSDPStrategy's
                 activation_checkpointing_policy).
@@ -159,9 +176,15 @@ class TagMoEModule(L.LightningModule):
             problems.append(f"trainable='{trainable}' is unknown; choose 'all' or 'moe_tail'")
         if quantize_frozen not in (None, "int8", "nf4"):
             problems.append(f"quantize_frozen='{quantize_frozen}' is unknown; choose null, 'int8' or 'nf4'")
+        if init_weights is not None and quantize_frozen and trainable == "moe_tail":
+            problems.append("init_weights cannot fill backbone blocks that quantize_frozen has already quantized; "
+                            "start from backbone.init_args.pretrained_path instead, or set quantize_frozen: null")
         if problems:
             raise ValueError("TagMoEModule: " + "; ".join(problems) + ".")
         self.trainable, self.quantize_frozen, self.meta_init = trainable, quantize_frozen, meta_init
+        self.init_weights = init_weights
+        self._weights_settled = False  # init_weights considered (loaded, or skipped for a checkpoint)
+        self._full_shapes: dict[str, torch.Tensor] = {}  # component keys → meta tensors of the unsharded shapes
         self.activation_checkpointing, self.hybrid_shard = activation_checkpointing, hybrid_shard
         self._counts_after_forward: list[torch.Tensor] = []
         self.backbone: nn.Module | None = None
@@ -174,11 +197,18 @@ class TagMoEModule(L.LightningModule):
         self.test_report_name: str | None = "test_report"  # files `test` writes; None: keep it in memory
 
     # -- building ------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Refuse a missing `init_weights` before the (possibly sharded, full-size) model is built."""
+        if self.init_weights is not None and not Path(self.init_weights).exists():
+            raise FileNotFoundError(f"model.init_weights {self.init_weights} does not exist; point it at a local Qwen-Image "
+                                    "folder or a `convert` directory, or set it to null.")
+
     def configure_model(self) -> None:
         """Build the components once (idempotent: Lightning may call it again), then freeze,
         quantize and shard them as configured. Under ModelParallelStrategy (`device_mesh` set)
         each component is sharded with FSDP2 (`tagmoe_lit.parallel`); the model holds no
-        parallelism of its own."""
+        parallelism of its own. A meta build is materialized here under a trainer (`_materialize`)
+        and stays on meta without one (inspection, parameter counts)."""
         if self.backbone is not None:
             return
         mesh = self.device_mesh
@@ -192,6 +222,9 @@ class TagMoEModule(L.LightningModule):
             if self.has_moe and self.tag_embedder_factory is not None:
                 self.tag_embedder = self.tag_embedder_factory(self.schema.num_tags)
                 self.head = self.head_factory(self.num_experts, self.tag_embedder.dim)
+        # the unsharded keys and shapes, for checking init_weights once the parameters are sharded
+        self._full_shapes = {k: torch.empty_like(t, device="meta") for k, t in self.state_dict().items()
+                             if k.split(".", 1)[0] in COMPONENTS}
         self._freeze_unreachable()
         if self.trainable == "moe_tail":
             self._freeze_all_but_moe_tail()
@@ -204,6 +237,26 @@ class TagMoEModule(L.LightningModule):
             for part in (self.tag_embedder, self.head):
                 if part is not None:
                     parallelize(part, mesh, hybrid_shard=self.hybrid_shard)
+        if self.meta_init and self._trainer is not None:
+            self._materialize()
+
+    def _materialize(self) -> None:
+        """Allocate the meta-built components on the strategy's device with their declared init
+        (`parallel.materialize_`): here for one device, DDP and FSDP2 (sharded above: each rank
+        allocates its shards). FSDP1 wraps and materializes unit by unit in its own setup, so it gets
+        `materialize_` as its `param_init_fn` (its default calls `reset_parameters` on every module
+        and fails on diffusers' RMSNorm, which has none)."""
+        parts = [p for p in (self.backbone, self.tag_embedder, self.head) if p is not None]
+        unknown = sorted({name for part in parts for name in uninitializable(part)})
+        if unknown:
+            raise TypeError(f"model.meta_init cannot initialize {', '.join(unknown)} (no reset_parameters and no entry in "
+                            "tagmoe_lit.parallel.INITS); add one there, or set meta_init: false.")
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDPStrategy):
+            strategy.kwargs["param_init_fn"] = partial(materialize_, device=strategy.root_device)
+            return
+        for part in parts:
+            materialize_(part, strategy.root_device)
 
     def _freeze_unreachable(self) -> None:
         """Freeze what can never reach the loss: the MM-DiT's last block still computes a text-stream
@@ -518,11 +571,83 @@ class TagMoEModule(L.LightningModule):
         images, signature_LBE = self.generate(batch)
         return {"images": images, "signature_LBE": signature_LBE}
 
+    # -- starting weights ------------------------------------------------------------------------
+    def on_validation_start(self) -> None:
+        self._settle_weights()  # fit's sanity check comes before on_train_start
+
+    def on_test_start(self) -> None:
+        self._settle_weights()
+
+    def on_predict_start(self) -> None:
+        self._settle_weights()
+
     def on_train_start(self) -> None:
-        """A fit starts with no pending expert counts (the buffer is not saved, and after a meta-device
-        build the strategy's materialization leaves it uninitialized: MoELayer has no reset_parameters)."""
+        """Start from `init_weights` (if not done by a sanity check) with no pending expert counts
+        (the buffer is not saved: a fit interrupted mid-step would leave its counts behind)."""
+        self._settle_weights()
         for layer in self.moe_layers:
             layer.pending_counts_E.zero_()
+
+    def _settle_weights(self) -> None:
+        """Load `init_weights` once, at the first loop start: Lightning has materialized, sharded and
+        (with --ckpt_path) restored the module by then under every strategy (FSDP ones restore after
+        `on_fit_start`), so a checkpoint wins and no step or validation sees other weights."""
+        if self.init_weights is None or self._weights_settled:
+            return
+        self._weights_settled = True
+        if self.trainer.ckpt_path is not None:
+            rank_zero_info(f"model.init_weights {self.init_weights} is not loaded: the run restores {self.trainer.ckpt_path}.")
+            return
+        left = self.load_init_weights()
+        rank_zero_info(f"Loaded model.init_weights {self.init_weights}" + (f"; kept as initialized: {', '.join(left)}." if left else "."))
+
+    def load_init_weights(self) -> list[str]:
+        """Load `init_weights` into the built (materialized) module, every key checked; return the parts left as built.
+
+        Unsharded (one device, DDP) every rank reads the files and loads them with `load_state_dict`.
+        Sharded, `set_model_state_dict` writes the full tensors into the shards: under FSDP2 only
+        rank 0 reads and checks (its verdict is shared, so every rank raises the same error) and
+        each tensor is broadcast in turn; FSDP1 takes the full state dict on every rank.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.tensor import DTensor
+
+        if self.init_weights is None:
+            raise ValueError("load_init_weights needs model.init_weights; set it to a Qwen-Image folder or a `convert` directory.")
+        self.configure_model()
+        if any(t.is_meta for t in (*self.parameters(), *self.buffers())):
+            raise ValueError("load_init_weights needs materialized weights but the model is on the meta device; run it under "
+                             "a Trainer, or call tagmoe_lit.parallel.materialize_ on each component first.")
+        root = self.trainer.model if self._trainer is not None else self
+        fsdp1 = isinstance(root, FullyShardedDataParallel)
+        fsdp2 = any(isinstance(p, DTensor) for p in self.parameters())
+        broadcast = fsdp2 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        tensors, left, error = {}, [], None
+        if not broadcast or torch.distributed.get_rank() == 0:
+            try:
+                tensors, left = pretrained_tensors(self, self.init_weights, self._full_shapes, **self._upcycling())
+            except (OSError, ValueError) as e:  # raised on every rank below, not only on the reader
+                error = e
+        if broadcast:
+            verdict = [left, error]
+            torch.distributed.broadcast_object_list(verdict, src=0)
+            left, error = verdict
+        if error is not None:
+            raise error
+        if fsdp1 or fsdp2:
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast, strict=False)  # keys checked above
+            set_model_state_dict(root, tensors, options=options)
+        else:
+            self.load_state_dict(tensors, strict=False)
+        return left
+
+    def _upcycling(self) -> dict[str, float | int]:
+        """The backbone factory's upcycling options (`upcycle_noise`, `upcycle_reinit`, `seed`), so a dense
+        release is upcycled as the backbone's own `pretrained_path` build would; the CLI and the tests
+        give factories as functools.partial, another factory gets the defaults (exact copies)."""
+        given = getattr(self.backbone_factory, "keywords", {})
+        return {k: given[k] for k in ("upcycle_noise", "upcycle_reinit", "seed") if k in given}
 
     def on_after_backward(self) -> None:
         """Undo the counting of activation checkpointing's forward re-run (DESIGN.md pitfall 8): the
