@@ -64,6 +64,7 @@ def local_folders(qwen_root: Path) -> list[str]:
     return [
         "--model.codec.init_args.pretrained_path", str(qwen_root),
         "--model.text_encoder.init_args.pretrained_path", str(qwen_root),
+        "--model.init_weights", str(qwen_root),
         "--data.init_args.manifests", f"[{ROOT / 'experiments/data/synthtag_tiny/manifest.jsonl'}]",
         "--data.init_args.schema", "synthtag",
         "--data.init_args.max_area", "1024",
