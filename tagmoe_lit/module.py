@@ -176,6 +176,9 @@ class TagMoEModule(L.LightningModule):
             problems.append(f"trainable='{trainable}' is unknown; choose 'all' or 'moe_tail'")
         if quantize_frozen not in (None, "int8", "nf4"):
             problems.append(f"quantize_frozen='{quantize_frozen}' is unknown; choose null, 'int8' or 'nf4'")
+        if meta_init and quantize_frozen and trainable == "moe_tail":
+            problems.append("meta_init cannot quantize frozen backbone blocks that do not exist yet (quantize_frozen with "
+                            "trainable: moe_tail); set meta_init: false or quantize_frozen: null")
         if init_weights is not None and quantize_frozen and trainable == "moe_tail":
             problems.append("init_weights cannot fill backbone blocks that quantize_frozen has already quantized; "
                             "start from backbone.init_args.pretrained_path instead, or set quantize_frozen: null")
@@ -199,6 +202,10 @@ class TagMoEModule(L.LightningModule):
     # -- building ------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Refuse a missing `init_weights` before the (possibly sharded, full-size) model is built."""
+        pretrained = getattr(self.backbone_factory, "keywords", {}).get("pretrained_path")
+        if self.meta_init and pretrained is not None and self.init_weights is None:
+            raise ValueError(f"model.meta_init builds the backbone without weights, so backbone pretrained_path {pretrained} "
+                             "would be ignored; set model.init_weights to the same folder to load it after materializing.")
         if self.init_weights is not None and not Path(self.init_weights).exists():
             raise FileNotFoundError(f"model.init_weights {self.init_weights} does not exist; point it at a local Qwen-Image "
                                     "folder or a `convert` directory, or set it to null.")
@@ -621,14 +628,19 @@ class TagMoEModule(L.LightningModule):
                              "a Trainer, or call tagmoe_lit.parallel.materialize_ on each component first.")
         root = self.trainer.model if self._trainer is not None else self
         fsdp1 = isinstance(root, FullyShardedDataParallel)
+        if fsdp1:
+            # set_model_state_dict fills keys the source lacks (VAE, routers, head) with FSDP1's flat local
+            # shards, which its full-state-dict load then rejects; FSDP2 and unsharded loads are tested
+            raise ValueError("model.init_weights is not supported under FSDPStrategy (FSDP1); start from released weights "
+                             "with ModelParallelStrategy (experiments/qwen_image_fsdp2.yaml), then resume FSDP1 from its checkpoint.")
         fsdp2 = any(isinstance(p, DTensor) for p in self.parameters())
         broadcast = fsdp2 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         tensors, left, error = {}, [], None
         if not broadcast or torch.distributed.get_rank() == 0:
             try:
                 tensors, left = pretrained_tensors(self, self.init_weights, self._full_shapes, **self._upcycling())
-            except (OSError, ValueError) as e:  # raised on every rank below, not only on the reader
-                error = e
+            except Exception as e:  # any failure (corrupt safetensors, OOM, …) is raised on every rank below:
+                error = e           # a rank that raised alone would leave the others waiting in the broadcast
         if broadcast:
             verdict = [left, error]
             torch.distributed.broadcast_object_list(verdict, src=0)

@@ -59,12 +59,15 @@ GPU_CONFIGS = [p for p in CONFIGS if gpu_only(p)]
 CPU_CONFIGS = [p for p in CONFIGS if p not in GPU_CONFIGS]
 
 
-def local_folders(qwen_root: Path) -> list[str]:
-    """Point a GPU YAML's placeholder folders and manifest at the tiny local release and manifest."""
+def local_folders(path: Path, qwen_root: Path) -> list[str]:
+    """Point a GPU YAML's placeholder folders (and starting weights, where its chain sets them) and
+    manifest at the tiny local release and manifest."""
+    chain = config_args(path)[1::2]
+    weights = any(re.search(r"^  init_weights: /", Path(c).read_text(), re.M) for c in chain)
     return [
         "--model.codec.init_args.pretrained_path", str(qwen_root),
         "--model.text_encoder.init_args.pretrained_path", str(qwen_root),
-        "--model.init_weights", str(qwen_root),
+        *(["--model.init_weights", str(qwen_root)] if weights else []),
         "--data.init_args.manifests", f"[{ROOT / 'experiments/data/synthtag_tiny/manifest.jsonl'}]",
         "--data.init_args.schema", "synthtag",
         "--data.init_args.max_area", "1024",
@@ -104,7 +107,7 @@ def test_variants_differ_from_base_only_in_config(tmp_path):
 def test_gpu_config_builds_full_qwen_image_on_meta_and_resolves_its_wrap_class(path, qwen_root):
     from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 
-    cli = ParseOnly(args=[*config_args(path), *local_folders(qwen_root)], run=False)
+    cli = ParseOnly(args=[*config_args(path), *local_folders(path, qwen_root)], run=False)
     init = cli.parser.instantiate_classes(cli.config)
     model, strategy = init.model, init.trainer.strategy
     assert cli.config.trainer.num_nodes >= 1 and cli.config.trainer.precision == "bf16-mixed"
@@ -135,6 +138,6 @@ def test_gpu_config_trains_two_steps(path, tmp_path, qwen_root):
               "--model.backbone.init_args.attention_head_dim", "16", "--model.backbone.init_args.axes_dims_rope", "[4, 6, 6]",
               "--model.backbone.init_args.moe_blocks", "2"]
     smoke = [a for a in smoke_args(tmp_path) if not a.startswith("--data.")]
-    cli = TagMoECLI(args=["fit", *config_args(path), *local_folders(qwen_root), *shrink, *smoke,
+    cli = TagMoECLI(args=["fit", *config_args(path), *local_folders(path, qwen_root), *shrink, *smoke,
                           "--data.init_args.batch_size", "2", "--data.init_args.val_samples", "4"])
     assert cli.trainer.global_step == 2

@@ -174,6 +174,25 @@ def test_kit_directory_of_another_model_or_a_meta_model_is_refused(kit):
         tiny_module(meta_init=True, init_weights=str(directory)).load_init_weights()
 
 
+def test_meta_init_refuses_what_it_would_silently_drop(kit, tmp_path):
+    """A backbone pretrained_path a meta build cannot read, bnb quantization of blocks that do not exist
+    yet, and loading a directory into meta tensors (a no-op in torch) each stop with one sentence."""
+    from functools import partial
+
+    from tagmoe_lit.backbone import QwenImageBackbone
+    from tagmoe_lit.convert.files import load_transformer_dir
+
+    module = tiny_module(meta_init=True)
+    module.backbone_factory = partial(QwenImageBackbone, pretrained_path=str(tmp_path))
+    with pytest.raises(ValueError, match=r"pretrained_path .* would be ignored; set model.init_weights to the same folder"):
+        module.setup("fit")
+    with pytest.raises(ValueError, match="meta_init cannot quantize frozen backbone blocks"):
+        tiny_module(meta_init=True, quantize_frozen="int8", trainable="moe_tail")
+    meta = tiny_module(meta_init=True)  # built without a trainer: stays on meta
+    with pytest.raises(ValueError, match="load_transformer_dir needs a module with real weights"):
+        load_transformer_dir(meta, kit[0])
+
+
 def test_classes_without_an_init_are_named():
     class Odd(nn.Module):
         def __init__(self):
