@@ -25,6 +25,7 @@ DESIGN.md pitfall 17); that is the model's own repair (`QwenImageBackbone.rebuil
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -166,14 +167,17 @@ def consolidate_checkpoint(folder: str | Path, output: str | Path) -> Path:
     if not (folder / ".metadata").is_file() or not (folder / "meta.pt").is_file():
         raise ValueError(f"{folder} is not a ModelParallelStrategy checkpoint directory (no .metadata / meta.pt); "
                          "pass the `.ckpt` directory the run saved.")
-    gathered = output.with_name(output.name + ".gathered")
+    gathered = output.with_name(f".{output.name}.gathered")
+    partial = output.with_name(f".{output.name}.partial")
     try:
         dcp_to_torch_save(folder, gathered)  # every shard, gathered without a process group
         state_dict = torch.load(gathered, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
         metadata = torch.load(folder / "meta.pt", map_location="cpu", weights_only=True)
-        torch.save({**metadata, "state_dict": state_dict}, output)
+        torch.save({**metadata, "state_dict": state_dict}, partial)
+        os.replace(partial, output)  # a failure above never leaves a truncated .ckpt that looks valid
     finally:
         gathered.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
     return output
 
 

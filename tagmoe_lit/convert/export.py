@@ -28,6 +28,7 @@ def load_checkpoint(module: TagMoEModule, ckpt_path: str | Path) -> list[str]:
     Returns the module components the checkpoint did not hold (they keep their initialization).
     """
     path = Path(ckpt_path)
+    module.meta_init = False  # a training config may build on meta for sharding; loading needs real tensors
     module.configure_model()
     if path.is_dir():
         if not (path / TAGMOE_CONFIG).is_file():
