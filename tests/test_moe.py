@@ -279,6 +279,10 @@ def test_partial_reinit_and_downcycling():
     upcycle_(experts, ffn, reinit_fraction=0.25, generator=torch.Generator().manual_seed(0))
     changed = (experts.w1_EDH != ffn.net[0].proj.weight.T).any(1)  # [E, H]: re-drawn hidden units
     assert changed.sum(1).tolist() == [16, 16, 16, 16] and not torch.equal(changed[0], changed[1])
+    again = StackedExperts(4, 16, 64)
+    torch.manual_seed(123)  # another global RNG state: the re-drawn units depend on the generator only
+    upcycle_(again, ffn, reinit_fraction=0.25, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(again.parameters(), experts.parameters()))
     upcycle_(experts, ffn)
     dense = FeedForward(dim=16, dim_out=16, activation_fn="gelu-approximate")
     downcycle_(dense, experts)

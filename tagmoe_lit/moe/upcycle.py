@@ -55,14 +55,18 @@ def upcycle_(
     n_new = round(reinit_fraction * experts.hidden)
     if n_new == 0:
         return
-    fresh = StackedExperts(experts.num_experts, experts.dim, experts.hidden, bias=experts.b1_EH is not None)
-    for e in range(experts.num_experts):
-        units = torch.randperm(experts.hidden, generator=generator)[:n_new]
-        fresh.reset_parameters()
-        experts.w1_EDH[e][:, units] = fresh.w1_EDH[e][:, units].to(experts.w1_EDH)
-        experts.w2_EHD[e][units] = fresh.w2_EHD[e][units].to(experts.w2_EHD)
-        if experts.b1_EH is not None:
-            experts.b1_EH[e][units] = fresh.b1_EH[e][units].to(experts.b1_EH)
+    # the fresh units' init draws from the global RNG: seed it from `generator`, so an upcycled layer
+    # is the same whenever it is built (eager, or from init_weights after a meta build) and on every rank
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        fresh = StackedExperts(experts.num_experts, experts.dim, experts.hidden, bias=experts.b1_EH is not None)
+        for e in range(experts.num_experts):
+            units = torch.randperm(experts.hidden, generator=generator)[:n_new]
+            fresh.reset_parameters()
+            experts.w1_EDH[e][:, units] = fresh.w1_EDH[e][:, units].to(experts.w1_EDH)
+            experts.w2_EHD[e][units] = fresh.w2_EHD[e][units].to(experts.w2_EHD)
+            if experts.b1_EH is not None:
+                experts.b1_EH[e][units] = fresh.b1_EH[e][units].to(experts.b1_EH)
 
 
 @torch.no_grad()
