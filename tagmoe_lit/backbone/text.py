@@ -7,8 +7,10 @@ encoder folder works the same way through `pretrained_path`.
 
 Why the frozen model is not a registered submodule: it is a fixed preprocessing step. Keeping it
 out of the module tree keeps ~90 MB of weights out of every checkpoint, out of the optimizer and
-out of DDP/FSDP (which would otherwise see parameters without gradients). Each distinct
-instruction is encoded once and kept in an LRU cache (`cache_size`; instruction vocabularies repeat).
+out of DDP/FSDP (which would otherwise see parameters without gradients). It runs on the device
+the training step asks for (moved there on first use: the GPU on a GPU node), and each distinct
+instruction is encoded once and kept on the CPU in an LRU cache (`cache_size`; instruction
+vocabularies repeat).
 
 The contract every text encoder follows: attribute `dim` (feature size D) and
 `forward(instructions: list[str], device) -> (hidden [B, L, D] float, mask [B, L] bool)`.
@@ -68,31 +70,39 @@ class FrozenTextEncoder(nn.Module):
             self.__dict__["_tokenizer"], self.__dict__["_model"] = tok, model
         return self._tokenizer, self._model
 
+    def _on(self, device: torch.device | str) -> nn.Module:
+        """The frozen model, moved to the device the training step runs on (a 7 B Qwen2.5-VL on the CPU
+        of a GPU node would dominate every step); features are cached on the CPU either way."""
+        model = self._load()[1]
+        device = torch.device(device)
+        if next(model.parameters()).device != device:
+            model.to(device)
+        return model
+
     def frozen_model(self) -> nn.Module:
         """The loaded frozen model, for in-place changes such as 8/4-bit storage (`tagmoe_lit.quantize`)."""
         return self._load()[1]
 
     @torch.no_grad()
-    def _features(self, text: str) -> torch.Tensor:
+    def _features(self, text: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """[L, D] features of one instruction, from the LRU cache or encoded *alone*: an
         instruction's features must not depend on which others shared its batch (padding changes
         kernel shapes and rounding), or a resumed run with a cold cache would drift from a straight one."""
         if text in self._cache:
             self._cache.move_to_end(text)
             return self._cache[text]
-        features = self._cache[text] = self._encode(text).float()
+        features = self._cache[text] = self._encode(text, self._on(device)).float().cpu()
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return features
 
-    def _encode(self, text: str) -> torch.Tensor:
+    def _encode(self, text: str, model: nn.Module) -> torch.Tensor:
         """[L, D] last hidden states of one instruction (the model's own output, uncached)."""
-        tokenizer, model = self._load()
-        tokens = tokenizer(text, truncation=True, max_length=self.max_length, return_tensors="pt")
-        return model(**tokens).last_hidden_state[0]
+        tokens = self._load()[0](text, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return model(**tokens.to(next(model.parameters()).device)).last_hidden_state[0]
 
     def forward(self, instructions: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        seqs = [self._features(t) for t in instructions]
+        seqs = [self._features(t, device) for t in instructions]
         L = max(s.shape[0] for s in seqs)
         hidden = torch.zeros(len(seqs), L, self.dim)
         mask = torch.zeros(len(seqs), L, dtype=torch.bool)
@@ -174,11 +184,10 @@ class QwenVLTextEncoder(FrozenTextEncoder):
             self.__dict__["_tokenizer"], self.__dict__["_model"] = tokenizer, model.eval().requires_grad_(False)
         return self._tokenizer, self._model
 
-    def _encode(self, text: str) -> torch.Tensor:
-        tokenizer, model = self._load()
-        tokens = tokenizer(
+    def _encode(self, text: str, model: nn.Module) -> torch.Tensor:
+        tokens = self._load()[0](
             QWEN_IMAGE_TEMPLATE.format(text), truncation=True,
             max_length=self.max_length + QWEN_IMAGE_TEMPLATE_TOKENS, return_tensors="pt",
-        )
+        ).to(next(model.parameters()).device)
         out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True)
         return out.hidden_states[-1][0, QWEN_IMAGE_TEMPLATE_TOKENS:]

@@ -55,14 +55,14 @@ class CachedTextEncoder(FrozenTextEncoder):
         producer = content_key("FrozenTextEncoder", folder_fingerprint(self.pretrained_path), str(max_length))
         self.store = TensorCache(cache_dir, f"text-{producer[:16]}")
 
-    def _features(self, text: str) -> torch.Tensor:
+    def _features(self, text: str, device: torch.device | str = "cpu") -> torch.Tensor:
         if text in self._cache:
             self._cache.move_to_end(text)
             return self._cache[text]
         key = content_key(text)
         features = self.store.get(key)
         if features is None:
-            features = super()._features(text)  # encodes alone and fills the memory cache
+            features = super()._features(text, device)  # encodes alone and fills the memory cache
             self.store.put(key, features)
             return features
         self._cache[text] = features
