@@ -4,8 +4,9 @@
 
 The network gets σ itself as its timestep (diffusers' Qwen-Image takes σ in [0, 1]). Losses are
 returned per sample so the caller can log them binned by σ (minRF) and choose the reduction.
-Samplers draw from an explicit `torch.Generator`, so a training step's noise is a function of
-(seed, step, rank) and resume is bit-exact (DESIGN.md pitfall 14).
+Samplers draw from an explicit `torch.Generator`, so a training sample's σ and noise are a function
+of (seed, step, its position in the step's global batch): resume is bit-exact (DESIGN.md pitfall 14)
+and 2 ranks × B draw what 1 rank × 2B does.
 """
 
 from __future__ import annotations

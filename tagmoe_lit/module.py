@@ -3,7 +3,7 @@
 The module holds no component math. It builds the components in `configure_model` (from factories,
 so a large backbone is never built at parse time), and its step reads like DiT's loop:
 
-    σ, ε ~ sampler(seed, step, rank)          # explicit generator: bit-exact resume
+    σ, ε ~ sampler(seed, step, sample)        # explicit generator per sample: bit-exact resume, any world size
     x_σ = (1 − σ)·x0 + σ·ε                    # flow.interpolate
     v̂, routing = backbone(x_σ, reference, text, σ)
     L = L_flow + λ_lb·L_lb + λ_align·(1 − cos(H(g), s))
