@@ -103,7 +103,11 @@ def measure(dim: int, tokens: int, routing: str, backend: str, repeats: int, dty
     for _ in range(repeats):
         for name, module in (("moe", moe), ("dense", dense), ("split", split), ("floor", floor)):
             times[name].append(fwd_bwd(module, x, grad, iters))
-    ratio = lambda a, b: [ta / tb for ta, tb in zip(times[a], times[b])]  # per repeat: neighbours in time
+
+    def ratio(a: str, b: str) -> list[float]:
+        """Per repeat, so each ratio compares runs that were neighbours in time."""
+        return [ta / tb for ta, tb in zip(times[a], times[b])]
+
     dropped = tokens * moe.top_k - int(moe.last.counts_E.sum())
     return {"ratio": quartiles(ratio("moe", "dense")), "split": statistics.median(ratio("split", "dense")),
             "floor": statistics.median(ratio("floor", "dense")), "over_floor": statistics.median(ratio("moe", "floor")),
