@@ -47,4 +47,12 @@ def run(argv: list[str] | None = None) -> object:
 
 
 if __name__ == "__main__":
-    run()
+    try:
+        run()
+    finally:
+        import torch.distributed as dist
+
+        # gloo/NCCL threads that outlive a process group nobody destroyed can abort the interpreter at
+        # exit ("terminate called without an active exception") after a run that succeeded
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
