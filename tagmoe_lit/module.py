@@ -202,7 +202,7 @@ class TagMoEModule(L.LightningModule):
     # -- building ------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Refuse a missing `init_weights` before the (possibly sharded, full-size) model is built."""
-        pretrained = getattr(self.backbone_factory, "keywords", {}).get("pretrained_path")
+        pretrained = self._backbone_options().get("pretrained_path")
         if self.meta_init and pretrained is not None and self.init_weights is None:
             raise ValueError(f"model.meta_init builds the backbone without weights, so backbone pretrained_path {pretrained} "
                              "would be ignored; set model.init_weights to the same folder to load it after materializing.")
@@ -612,9 +612,9 @@ class TagMoEModule(L.LightningModule):
         """Load `init_weights` into the built (materialized) module, every key checked; return the parts left as built.
 
         Unsharded (one device, DDP) every rank reads the files and loads them with `load_state_dict`.
-        Sharded, `set_model_state_dict` writes the full tensors into the shards: under FSDP2 only
-        rank 0 reads and checks (its verdict is shared, so every rank raises the same error) and
-        each tensor is broadcast in turn; FSDP1 takes the full state dict on every rank.
+        Under FSDP2 `set_model_state_dict` writes the full tensors into the shards: only rank 0 reads
+        and checks (its verdict is shared, so every rank raises the same error) and each tensor is
+        broadcast in turn. FSDP1 is refused (see below).
         """
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -627,8 +627,7 @@ class TagMoEModule(L.LightningModule):
             raise ValueError("load_init_weights needs materialized weights but the model is on the meta device; run it under "
                              "a Trainer, or call tagmoe_lit.parallel.materialize_ on each component first.")
         root = self.trainer.model if self._trainer is not None else self
-        fsdp1 = isinstance(root, FullyShardedDataParallel)
-        if fsdp1:
+        if isinstance(root, FullyShardedDataParallel):
             # set_model_state_dict fills keys the source lacks (VAE, routers, head) with FSDP1's flat local
             # shards, which its full-state-dict load then rejects; FSDP2 and unsharded loads are tested
             raise ValueError("model.init_weights is not supported under FSDPStrategy (FSDP1); start from released weights "
@@ -647,18 +646,22 @@ class TagMoEModule(L.LightningModule):
             left, error = verdict
         if error is not None:
             raise error
-        if fsdp1 or fsdp2:
+        if fsdp2:
             options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast, strict=False)  # keys checked above
             set_model_state_dict(root, tensors, options=options)
         else:
             self.load_state_dict(tensors, strict=False)
         return left
 
+    def _backbone_options(self) -> dict[str, Any]:
+        """The backbone factory's keyword arguments: the CLI and the tests give factories as
+        functools.partial; another factory shows none (its defaults apply)."""
+        return getattr(self.backbone_factory, "keywords", {})
+
     def _upcycling(self) -> dict[str, float | int]:
-        """The backbone factory's upcycling options (`upcycle_noise`, `upcycle_reinit`, `seed`), so a dense
-        release is upcycled as the backbone's own `pretrained_path` build would; the CLI and the tests
-        give factories as functools.partial, another factory gets the defaults (exact copies)."""
-        given = getattr(self.backbone_factory, "keywords", {})
+        """The backbone's upcycling options (`upcycle_noise`, `upcycle_reinit`, `seed`), so a dense
+        release is upcycled as the backbone's own `pretrained_path` build would."""
+        given = self._backbone_options()
         return {k: given[k] for k in ("upcycle_noise", "upcycle_reinit", "seed") if k in given}
 
     def on_after_backward(self) -> None:

@@ -308,6 +308,7 @@ def load_transformer_dir(module: "TagMoEModule", src: str | Path) -> list[str]:
     A module component the directory lacks (the release may ship no tag embedding or head) keeps
     its initialization and is named in the result.
     """
+    module.configure_model()  # build first: an unbuilt module has no parameters to inspect
     if any(t.is_meta for t in module.parameters()):  # load_state_dict into meta tensors silently does nothing
         raise ValueError("load_transformer_dir needs a module with real weights but it is on the meta device; build it "
                          "with meta_init: false (or materialize it) first.")
