@@ -5,9 +5,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= experiments/base.yaml
+PRESET ?= cpu
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: fit test test-slow bench clean
+.PHONY: fit test test-slow study bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# The ablation study (docs/results.md): resumable, rerun to continue; PRESET=gpu on a CUDA machine.
+study: $(STAMP)
+	$(BIN)/python -m tagmoe_lit study --preset experiments/study/$(PRESET).yaml
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/moe_dispatch.py

@@ -1,4 +1,4 @@
-"""`python -m tagmoe_lit {fit,validate,test,predict,annotate,cache,params,knockout,convert} …`.
+"""`python -m tagmoe_lit {fit,validate,test,predict,annotate,cache,params,knockout,study,convert} …`.
 
 LightningCLI looks every subcommand up on the Trainer, so the kit's own subcommands are dispatched
 here first and the rest go to `TagMoECLI`:
@@ -9,6 +9,8 @@ here first and the rest go to `TagMoECLI`:
   (`tagmoe_lit/data/build_cache.py`);
 - `params`: total vs active parameters, full Qwen-Image or a config's backbone (`tagmoe_lit/params.py`);
 - `knockout`: `test` with each expert removed from every MoE layer in turn (`tagmoe_lit/knockout.py`);
+- `study`: the ablation study — train, test and compare every run of a preset, resumably
+  (`tagmoe_lit/study/`);
 - `convert`: the official release's weights into the kit (`convert official`) and a checkpoint out
   to a diffusers-style transformer directory (`convert export`) (`tagmoe_lit/convert/`).
 """
@@ -37,6 +39,10 @@ def run(argv: list[str] | None = None) -> object:
         from tagmoe_lit.knockout import main as knockout
 
         return knockout(rest)
+    if command == "study":
+        from tagmoe_lit.study.runner import main as study
+
+        return study(rest)
     if command == "convert":
         from tagmoe_lit.convert.cli import main as convert
 

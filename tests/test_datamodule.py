@@ -51,3 +51,13 @@ def test_bad_task_names_are_rejected():
         SynthTAGDataModule(holdout_tasks=["mvoe"])
     with pytest.raises(ValueError, match="leaves no task to train on"):
         SynthTAGDataModule(tasks=["add"], holdout_tasks=["add"])
+
+
+def test_flat_tags_give_each_task_its_own_single_tag():
+    flat = SynthTAGDataModule(schema="synthtag_flat", tag_granularity="flat", val_samples=18)
+    batch = next(iter(DataLoader(flat.val_dataloader().dataset, batch_size=18)))
+    assert torch.equal(batch["tags"].sum(1), torch.ones(18))
+    names = [flat.schema.names[i] for i in batch["tags"].argmax(1).tolist()]
+    assert names == [flat.task_names[t] for t in batch["task"].tolist()]
+    with pytest.raises(ValueError, match="schema synthtag has no tag .*use data.schema: synthtag_flat"):
+        SynthTAGDataModule(tag_granularity="flat")

@@ -317,3 +317,18 @@ def test_knocked_out_expert_is_never_chosen_and_its_tokens_take_the_next_best():
     assert torch.equal(layer.route(x)[3], idx)
     with pytest.raises(ValueError, match=r"Cannot knock out experts \[0, 1, 2, 3\] of 4 with top_k=1"):
         layer.knockout([0, 1, 2, 3])
+
+
+def test_dense_wide_backbone_holds_the_moe_tail_total_parameters():
+    from tagmoe_lit.backbone import QwenImageBackbone
+
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    sizes = dict(token_channels=48, patch=4, out_channels=3, text_dim=32, moe_blocks=2)
+    moe = QwenImageBackbone(**sizes, moe=partial(MoELayer, num_experts=4))
+    wide = QwenImageBackbone(**sizes, widen_tail=4)
+    routers = sum(count(layer.router) for layer in moe.moe_layers)
+    extra_output_biases = 2 * (4 - 1) * 128  # each expert has its own D-bias; the wide FFN has one
+    assert count(wide) == count(moe) - routers - extra_output_biases
+    assert [b.img_mlp.net[0].proj.out_features for b in wide.blocks] == [512] * 4 + [2048] * 2
+    with pytest.raises(ValueError, match="widen_tail=4 widens dense FFNs: it needs moe: null"):
+        QwenImageBackbone(**sizes, widen_tail=4, moe=partial(MoELayer, num_experts=4))

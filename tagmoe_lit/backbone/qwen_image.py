@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from tagmoe_lit.backbone.local import component_dir
-from tagmoe_lit.backbone.surgery import MoEFactory, install_moe
+from tagmoe_lit.backbone.surgery import MoEFactory, install_moe, widen_ffns
 from tagmoe_lit.moe.stats import RoutingStats
 
 
@@ -59,6 +59,7 @@ class QwenImageBackbone(nn.Module):
         pretrained_path: str | None = None,
         moe: MoEFactory | None = None,
         moe_blocks: int = 2,
+        widen_tail: int = 1,
         upcycle_noise: float = 0.0,
         upcycle_reinit: float = 0.0,
         gradient_checkpointing: bool = False,
@@ -81,6 +82,8 @@ class QwenImageBackbone(nn.Module):
                 above then come from its config, and any given explicitly must equal it.
             moe: MoE layer factory (dim, hidden) → layer; null keeps the dense FFNs.
             moe_blocks: how many of the last blocks get an MoE image FFN (TAG-MoE: 10 of 60).
+            widen_tail: with `moe: null`, make those blocks' image FFNs this many times wider (a dense
+                baseline with the MoE's total parameters at widen_tail = num_experts; 1: unchanged).
             upcycle_noise: relative noise added to the experts copied from the dense FFN.
             upcycle_reinit: share of each expert's hidden units re-initialised after copying.
             gradient_checkpointing: recompute block activations in backward to save memory.
@@ -104,6 +107,10 @@ class QwenImageBackbone(nn.Module):
             self.transformer = load_transformer(pretrained_path, given, implied, zero_cond_t)
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
+        if widen_tail != 1 and (moe or widen_tail < 1):
+            raise ValueError(f"widen_tail={widen_tail} widens dense FFNs: it needs moe: null and an integer >= 1.")
+        if widen_tail > 1:
+            widen_ffns(self.transformer.transformer_blocks, moe_blocks, widen_tail)
         self.moe_layers = (
             install_moe(self.transformer.transformer_blocks, moe_blocks, moe, upcycle_noise, upcycle_reinit, seed)
             if moe

@@ -1,8 +1,10 @@
-"""FFN → MoE surgery on diffusers' `QwenImageTransformer2DModel`.
+"""FFN surgery on diffusers' `QwenImageTransformer2DModel`: FFN → MoE, or FFN → wider FFN.
 
 Touches exactly one attribute: `transformer_blocks[i].img_mlp` (the image-stream FFN, a diffusers
-`FeedForward` D → 4D → D with GELU tanh) of the last `num_blocks` blocks. Each is replaced by a
-`MoELayer` whose experts are upcycled from that FFN. The text-stream `txt_mlp` stays dense.
+`FeedForward` D → 4D → D with GELU tanh) of the last `num_blocks` blocks. `install_moe` replaces
+each by a `MoELayer` whose experts are upcycled from that FFN; `widen_ffns` by a dense FFN k times
+as wide (the ablation's `dense_wide` baseline: with k = the number of experts it holds the MoE's
+total parameters, all of them active). The text-stream `txt_mlp` stays dense.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from diffusers.models.attention import FeedForward
 from torch import nn
 
 from tagmoe_lit.moe.layer import MoELayer
@@ -40,3 +43,14 @@ def install_moe(
         block.img_mlp = moe
         layers.append(moe)
     return layers
+
+
+def widen_ffns(blocks: nn.ModuleList, num_blocks: int, factor: int) -> None:
+    """Replace `img_mlp` in the last `num_blocks` blocks by a freshly initialised FFN D → 4·factor·D → D."""
+    if not 0 < num_blocks <= len(blocks):
+        raise ValueError(f"moe_blocks={num_blocks} must be between 1 and the number of blocks ({len(blocks)}).")
+    for block in blocks[len(blocks) - num_blocks :]:
+        proj = block.img_mlp.net[0].proj
+        dim, hidden = proj.in_features, proj.out_features
+        with torch.device(proj.weight.device):
+            block.img_mlp = FeedForward(dim=dim, dim_out=dim, inner_dim=hidden * factor, activation_fn="gelu-approximate")

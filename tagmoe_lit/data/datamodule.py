@@ -20,7 +20,7 @@ makes `predict` read a prompt list (`prompts.py`) instead of the test split.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import lightning as L
 import torch
@@ -35,15 +35,19 @@ VAL_SEED_OFFSET, TEST_SEED_OFFSET = 1_000_003, 2_000_003
 
 
 class _Encoder:
-    """SynthSample → dict of tensors under a tag schema (picklable for worker processes)."""
+    """SynthSample → dict of tensors under a tag schema (picklable for worker processes).
 
-    def __init__(self, schema: TagSchema, task_names: Sequence[str], tag_noise: float = 0.0, seed: int = 0):
+    `flat`: a sample's only tag is its task's name (the ablation's flat-tag variant), instead of
+    its Scope / Type / Preservation tags.
+    """
+
+    def __init__(self, schema: TagSchema, task_names: Sequence[str], tag_noise: float = 0.0, seed: int = 0, flat: bool = False):
         self.schema, self.task_index = schema, {t: i for i, t in enumerate(task_names)}
-        self.tag_noise, self.seed = tag_noise, seed
+        self.tag_noise, self.seed, self.flat = tag_noise, seed, flat
 
     def __call__(self, s: SynthSample, index: int) -> dict:
         target = s.target.float() / 255.0
-        ids = self.schema.encode(s.tags)
+        ids = self.schema.encode([s.task] if self.flat else s.tags)
         if self.tag_noise:
             ids = corrupt_tags(ids, self.schema, self.tag_noise, self.seed, index)
         return {
@@ -121,6 +125,7 @@ class SynthTAGDataModule(L.LightningDataModule):
         num_workers: int = 0,
         schema: str = "synthtag",
         tag_noise: float = 0.0,
+        tag_granularity: Literal["hierarchical", "flat"] = "hierarchical",
         predict_file: str | None = None,
     ):
         """
@@ -136,6 +141,8 @@ class SynthTAGDataModule(L.LightningDataModule):
             num_workers: DataLoader workers (0: generate in the training process, fastest on 2 cores).
             schema: tag schema name or YAML path; the model is built for the same schema.
             tag_noise: fraction of training samples whose tags get one tag swapped within its level (seeded by index).
+            tag_granularity: hierarchical (each task's Scope / Type / Preservation tags, `TASK_TAGS`) or
+                flat (one tag per task, named after it: needs a schema such as `synthtag_flat`).
             predict_file: a prompt list (JSONL or YAML) for `predict` (default: the test split).
         """
         super().__init__()
@@ -153,9 +160,16 @@ class SynthTAGDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.schema = TagSchema.load(schema)
-        self.encode = _Encoder(self.schema, self.task_names)
+        if tag_granularity not in ("hierarchical", "flat"):
+            raise ValueError(f"tag_granularity='{tag_granularity}' is unknown; choose 'hierarchical' or 'flat'.")
+        flat = tag_granularity == "flat"
+        missing = [t for t in self.task_names if t not in self.schema.names] if flat else []
+        if missing:
+            raise ValueError(f"tag_granularity: flat tags each sample with its task's name, but schema {self.schema.name} "
+                             f"has no tag {missing}; use data.schema: synthtag_flat (or a schema listing every task).")
+        self.encode = _Encoder(self.schema, self.task_names, flat=flat)
         self.tag_noise, self.predict_file = check_rate(tag_noise), predict_file
-        self.train_encode = _Encoder(self.schema, self.task_names, self.tag_noise, seed) if self.tag_noise else self.encode
+        self.train_encode = _Encoder(self.schema, self.task_names, self.tag_noise, seed, flat) if self.tag_noise else self.encode
 
     def _synth(self, seed: int, tasks: Sequence[str]) -> SynthTAG:
         return SynthTAG(image_size=self.image_size, seed=seed, tasks=tasks)

@@ -66,14 +66,23 @@ class TaskReport:
         return merged
 
     def summary(self) -> dict:
-        """{'tasks': {task: {metric: mean}}, 'all': {...}, 'samples': {task: n}, 'routing': {layer: {...}}}."""
+        """{'tasks': {task: {metric: mean}}, 'all': {...}, 'samples': {task: n}, 'routing': {layer: {...}},
+        'per_sample': {'index': [...], 'task': [...], metric: [...]}}.
+
+        `per_sample` keeps every sample's numbers (in first-seen order, ids from `add(index_B=…)`,
+        else positions) so that two runs on the same samples can be compared sample by sample
+        (the ablation study's paired differences).
+        """
         if not self._tasks:
             raise ValueError("TaskReport is empty: no evaluation batch was added.")
         keep = _first_occurrences(torch.cat(self._index)) if len(self._index) == len(self._tasks) else slice(None)
         task_B = torch.cat(self._tasks)[keep]
         names = self.task_names or [str(i) for i in range(int(task_B.max()) + 1)]
         values = {k: torch.cat(v)[keep] for k, v in self._values.items()}
+        index_N = torch.cat(self._index)[keep] if len(self._index) == len(self._tasks) else torch.arange(len(task_B))
         out: dict = {"tasks": {}, "samples": {}, "all": {k: _nanmean(v) for k, v in values.items()}, "routing": {}}
+        out["per_sample"] = {"index": index_N.tolist(), "task": [names[t] for t in task_B.tolist()]}
+        out["per_sample"].update({k: v.tolist() for k, v in values.items()})
         for t in sorted(task_B.unique().tolist()):
             rows = task_B == t
             name = names[t]

@@ -1,0 +1,145 @@
+"""A study preset: which variants to train, on which seeds, under which budget, compared how.
+
+A preset is a YAML file (`experiments/study/cpu.yaml`, `gpu.yaml`):
+
+    base: [experiments/base.yaml, experiments/study/cpu_budget.yaml]   # configs every run starts from
+    seeds: [0, 1, 2]                                                   # default seeds of a variant
+    variants:
+      dense: {configs: [experiments/dense.yaml]}
+      tagmoe: {configs: []}
+      heldout_tagmoe: {configs: [experiments/study/variants/heldout.yaml], seeds: [0]}
+    compare: [[tagmoe, dense], …]      # paired differences a − b, on the samples both saw
+    curves: {variants: [dense, tagmoe], every_n_steps: 300, test_samples: 144}
+    knockout: [tagmoe]                 # expert knockout on the first seed's checkpoint
+
+Every run is `fit` then `test` with `base + configs` and, per seed s, `seed_everything: s` and
+`model.seed: s` (weights and noise). The data seed stays the base's: every run sees the same
+batches in the same order and is tested on the same samples with, for a given seed, the same
+noise, so two variants' test numbers can be compared sample by sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+_KEYS = {"base", "seeds", "variants", "compare", "curves", "knockout"}
+_VARIANT_KEYS = {"configs", "seeds"}
+_CURVE_KEYS = {"variants", "every_n_steps", "test_samples"}
+
+
+class PresetError(ValueError):
+    """A study preset that cannot be run as written."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the study: a variant on one seed."""
+
+    variant: str
+    seed: int
+    configs: tuple[str, ...]  # base configs, then the variant's
+    curve: bool = False  # also test intermediate checkpoints (success curve)
+    knockout: bool = False  # also run the expert knockout on the final checkpoint
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}/seed{self.seed}"
+
+    def fingerprint(self, extra: list[str]) -> str:
+        """Hash of everything that decides this run's results: config texts, seed, overrides."""
+        h = hashlib.sha256()
+        for path in self.configs:
+            h.update(path.encode() + b"\0" + Path(path).read_bytes() + b"\0")
+        h.update(json.dumps([self.seed, self.curve, self.knockout, extra]).encode())
+        return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Curves:
+    variants: tuple[str, ...] = ()
+    every_n_steps: int = 0
+    test_samples: int = 144
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    base: tuple[str, ...]
+    variants: dict[str, tuple[tuple[str, ...], tuple[int, ...]]]  # name → (configs, seeds)
+    compare: tuple[tuple[str, str], ...] = ()
+    curves: Curves = field(default_factory=Curves)
+    knockout: tuple[str, ...] = ()
+
+    @classmethod
+    def load(cls, path: str | Path, root: str | Path = ".") -> "Preset":
+        """Read and check a preset; config paths are relative to `root` (the repository)."""
+        path, root = Path(path), Path(root)
+        if not path.is_file():
+            raise PresetError(f"Study preset {path} does not exist; shipped presets are experiments/study/cpu.yaml and gpu.yaml.")
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        where = f"Study preset {path}"
+        if not isinstance(raw, dict):
+            raise PresetError(f"{where}: expected a mapping with keys {sorted(_KEYS)}.")
+        _no_unknown(raw, _KEYS, where)
+        seeds = _seeds(raw.get("seeds", [0]), where)
+        variants: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {}
+        for name, spec in (raw.get("variants") or {}).items():
+            spec = spec or {}
+            _no_unknown(spec, _VARIANT_KEYS, f"{where}, variant {name}")
+            variants[str(name)] = (tuple(spec.get("configs") or ()), _seeds(spec.get("seeds", seeds), f"{where}, variant {name}"))
+        if not variants:
+            raise PresetError(f"{where}: 'variants' is empty; name at least one variant with its configs.")
+        base = tuple(raw.get("base") or ())
+        missing = [p for p in {*base, *(c for cfg, _ in variants.values() for c in cfg)} if not (root / p).is_file()]
+        if missing:
+            raise PresetError(f"{where}: config file(s) {sorted(missing)} do not exist under {root.resolve()}.")
+        compare = tuple(tuple(pair) for pair in raw.get("compare") or ())
+        curves_raw = raw.get("curves") or {}
+        _no_unknown(curves_raw, _CURVE_KEYS, f"{where}, curves")
+        curves = Curves(tuple(curves_raw.get("variants", ())), int(curves_raw.get("every_n_steps", 0)), int(curves_raw.get("test_samples", 144)))
+        knockout = tuple(raw.get("knockout") or ())
+        named = [*(v for pair in compare for v in pair), *curves.variants, *knockout]
+        unknown = sorted({v for v in named if v not in variants})
+        bad_pairs = [p for p in compare if len(p) != 2]
+        if unknown or bad_pairs:
+            problem = f"names unknown variant(s) {unknown}" if unknown else f"has comparisons {bad_pairs} that are not [a, b] pairs"
+            raise PresetError(f"{where} {problem}; variants: {list(variants)}.")
+        if curves.variants and curves.every_n_steps < 1:
+            raise PresetError(f"{where}: curves.every_n_steps must be a positive step count.")
+        return cls(path.stem, base, variants, compare, curves, knockout)
+
+    def only_seeds(self, seeds: list[int]) -> "Preset":
+        """The same preset restricted to `seeds` (variants left with none are dropped)."""
+        variants = {name: (configs, tuple(s for s in own if s in seeds)) for name, (configs, own) in self.variants.items()}
+        return replace(self, variants={name: v for name, v in variants.items() if v[1]})
+
+    def runs(self) -> list[Run]:
+        """Every run, seed-major (all variants of the first seed first: a partial study is balanced)."""
+        order = sorted({s for _, seeds in self.variants.values() for s in seeds})
+        out = []
+        for seed in order:
+            for name, (configs, seeds) in self.variants.items():
+                if seed in seeds:
+                    first = seed == seeds[0]
+                    out.append(Run(name, seed, (*self.base, *configs), first and name in self.curves.variants,
+                                   first and name in self.knockout))
+        return out
+
+
+def _seeds(value, where: str) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        raise PresetError(f"{where}: seeds must be a non-empty list of integers, got {value!r}.")
+    return tuple(value)
+
+
+def _no_unknown(mapping, allowed: set[str], where: str) -> None:
+    if not isinstance(mapping, dict):
+        raise PresetError(f"{where}: expected a mapping with keys {sorted(allowed)}, got {mapping!r}.")
+    unknown = set(mapping) - allowed
+    if unknown:
+        raise PresetError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}.")

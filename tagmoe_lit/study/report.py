@@ -1,0 +1,282 @@
+"""The study's results section: tables, paired differences and figures from the finished runs.
+
+`write_report` rewrites only the part of the markdown file between this preset's markers
+(`<!-- study:<preset>:begin -->` … `end`), so the hand-written discussion around it and other
+presets' sections survive a rerun. Everything inside is computed from the run folders: a fresh
+clone that runs `make study` gets the same section (training is deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import yaml
+from matplotlib.figure import Figure
+
+from callbacks.figures import heatmap
+from tagmoe_lit.data.synthtag import TASK_TAGS
+from tagmoe_lit.io import atomic_write_text
+from tagmoe_lit.study.paired import Paired, mean_std, paired
+from tagmoe_lit.study.preset import Preset
+from tagmoe_lit.study.runner import load_done, run_dir
+
+# Metrics of the tables (test_report per-sample names) and whether higher is better.
+METRICS = {"success": True, "edit_accuracy": True, "preserve_accuracy": True, "psnr_preserved": True,
+           "psnr_edit": True, "ssim_preserved": True, "flow_fixed": False}
+SCOPES = {"local": "local editing", "global": "global editing", "customize": "content customization", "generate": "image generation"}
+
+
+def task_groups(tasks: list[str]) -> dict[str, set[str]]:
+    """{'all': every task, 'local': …, 'global': …, …}: SynthTAG tasks grouped by their Scope tag."""
+    groups = {"all": set(tasks)}
+    for short, scope in SCOPES.items():
+        members = {t for t in tasks if scope in TASK_TAGS.get(t, {}).get("scope", [])}
+        if members:
+            groups[short] = members
+    return groups
+
+
+class Finished:
+    """What the finished runs left behind, by variant and seed."""
+
+    def __init__(self, preset: Preset, out: Path, extra: list[str]):
+        self.preset, self.out = preset, out
+        self.done: dict[str, dict[int, dict]] = defaultdict(dict)
+        self.reports: dict[str, dict[int, dict]] = defaultdict(dict)
+        for run in preset.runs():
+            directory = run_dir(out, run)
+            done = load_done(directory, run.fingerprint(extra))
+            if done:
+                self.done[run.variant][run.seed] = done
+                self.reports[run.variant][run.seed] = json.loads((directory / "test_report.json").read_text())
+
+    def variants(self) -> list[str]:
+        return [v for v in self.preset.variants if v in self.reports]
+
+    def samples(self, variant: str) -> dict[int, dict]:
+        return {seed: r["per_sample"] for seed, r in self.reports[variant].items()}
+
+    def directory(self, variant: str, seed: int) -> Path:
+        return self.out / variant / f"seed{seed}"
+
+    def config(self, variant: str) -> dict:
+        """The resolved config of the variant's first finished run (what Lightning saved)."""
+        directory = self.directory(variant, min(self.done[variant]))
+        return yaml.safe_load(next(directory.glob("tensorboard/version_*/config.yaml")).read_text())
+
+    def tb_scalars(self, variant: str, seed: int, tags: list[str]) -> dict[str, list[tuple[int, float]]]:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        log_dir = next(self.directory(variant, seed).glob("tensorboard/version_*"))
+        events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+        events.Reload()
+        have = set(events.Tags()["scalars"])
+        return {t: [(e.step, e.value) for e in events.Scalars(t)] for t in tags if t in have}
+
+
+def _fmt(mean: float, std: float | None = None, digits: int = 3) -> str:
+    if mean is None or math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def _group_mean(samples: dict, metric: str, tasks: set[str]) -> float:
+    values = [v for t, v in zip(samples["task"], samples[metric]) if t in tasks and v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def main_table(f: Finished, groups: dict[str, set[str]]) -> str:
+    cols = [("success", g) for g in groups] + [("psnr_preserved", "local"), ("psnr_edit", "all"), ("flow_fixed", "all")]
+    cols = [(m, g) for m, g in cols if g in groups]
+    head = " | ".join(f"{m} ({g})" for m, g in cols)
+    lines = [f"| variant | seeds | {head} | NMI per layer (shuffled) | fit min / run |", "|---" * (len(cols) + 4) + "|"]
+    for v in f.variants():
+        samples = f.samples(v)
+        cells = [_fmt(*mean_std([_group_mean(s, m, groups[g]) for s in samples.values()])) for m, g in cols]
+        routing = [r["routing"] for r in f.reports[v].values() if r["routing"]]
+        nmi = "–"
+        if routing:
+            nmi = ", ".join(
+                f"{_fmt(mean_std([r[layer]['nmi'] for r in routing])[0], digits=2)} ({_fmt(mean_std([r[layer]['nmi_shuffled'] for r in routing])[0], digits=2)})"
+                for layer in routing[0])
+        minutes = mean_std([d["fit_s"] / 60 for d in f.done[v].values()])[0]
+        lines.append(f"| {v} | {len(samples)} | " + " | ".join(cells) + f" | {nmi} | {minutes:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _paired_cell(p: Paired | None, higher_better: bool) -> str:
+    if p is None:
+        return "–"
+    mark = ""
+    if p.significant:
+        better = (p.mean > 0) == higher_better
+        mark = (" **better**" if better else " **worse**") + ("" if p.seeds_agree else " (seeds disagree)")
+    return f"{p.mean:+.4f} ± {p.se:.4f}{mark}"
+
+
+def paired_tables(f: Finished, groups: dict[str, set[str]]) -> str:
+    out = []
+    for a, b in f.preset.compare:
+        if a not in f.reports or b not in f.reports:
+            continue
+        lines = [f"#### {a} − {b}", "", "| metric | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
+        for metric, higher_better in METRICS.items():
+            cells = [_paired_cell(paired(f.samples(a), f.samples(b), metric, tasks), higher_better) for tasks in groups.values()]
+            lines.append(f"| {metric} | " + " | ".join(cells) + " |")
+        seeds = sorted(set(f.reports[a]) & set(f.reports[b]))
+        lines += ["", f"Seeds {seeds}; per-sample mean ± SE over {len(seeds)} × the test samples; **better** / **worse**: the "
+                      "95 % interval excludes 0 (for flow_fixed lower is better)."]
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def per_task_table(f: Finished, metric: str) -> str:
+    tasks = list(next(iter(next(iter(f.reports.values())).values()))["tasks"])
+    lines = [f"| task | " + " | ".join(f.variants()) + " |", "|---" * (len(f.variants()) + 1) + "|"]
+    for task in tasks:
+        cells = [_fmt(*mean_std([r["tasks"][task][metric] for r in f.reports[v].values() if task in r["tasks"]]))
+                 for v in f.variants()]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def routing_figures(f: Finished, figures: Path, link: Path) -> str:
+    """A task × expert heatmap (share of each task's tokens per top-1 expert) per MoE layer, first seed."""
+    lines = []
+    for v in f.variants():
+        seed = min(f.reports[v])
+        tasks = list(f.reports[v][seed]["tasks"])
+        for layer, r in f.reports[v][seed]["routing"].items():
+            share = torch.tensor(r["task_expert_share"])
+            title = f"{v} seed {seed}, {layer}: NMI {r['nmi']:.2f} (shuffled {r['nmi_shuffled']:.2f})"
+            path = figures / f"{f.preset.name}_routing_{v}_{layer}.png"
+            heatmap(share, tasks, [f"e{e}" for e in range(share.shape[1])], title).savefig(path)
+            lines.append(f"![{v} {layer}]({_rel(path, link)})")
+    return "\n".join(lines) + "\n"
+
+
+def curve_figures(f: Finished, figures: Path, link: Path) -> str:
+    """Training flow loss of every variant (mean over seeds) and, where measured, success by step."""
+    fig = Figure(figsize=(10, 3.6), dpi=100)
+    loss_ax, success_ax = fig.subplots(1, 2)
+    for v in f.variants():
+        curves = [f.tb_scalars(v, seed, ["train/flow"]).get("train/flow", []) for seed in f.done[v]]
+        curves = [c for c in curves if c]
+        if curves:
+            n = min(len(c) for c in curves)
+            steps = [step for step, _ in curves[0][:n]]
+            mean = [sum(c[i][1] for c in curves) / len(curves) for i in range(n)]
+            k = max(1, n // 40)  # smooth: mean of k consecutive logged points
+            loss_ax.plot(steps[k - 1 :: k], [sum(mean[i : i + k]) / k for i in range(0, n - k + 1, k)], label=v)
+        seed = min(f.done[v])
+        path = f.directory(v, seed) / "curve.json"
+        if path.is_file():
+            points = json.loads(path.read_text())
+            steps = [p["step"] for p in points]
+            success_ax.plot(steps, [p["all"]["success"] for p in points], "o-", label=f"{v} success (all)")
+            success_ax.plot(steps, [p["all"]["preserve_accuracy"] for p in points], "s--", label=f"{v} preserve accuracy")
+    loss_ax.set(xlabel="step", ylabel="train/flow", title="training flow loss (mean over seeds)", yscale="log")
+    success_ax.set(xlabel="step", title=f"first seed, {f.preset.curves.test_samples} test samples: test metrics by step")
+    for ax in (loss_ax, success_ax):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = figures / f"{f.preset.name}_curves.png"
+    fig.savefig(path)
+    return f"![curves]({_rel(path, link)})\n"
+
+
+def knockout_table(f: Finished) -> str:
+    from tagmoe_lit.knockout import to_markdown
+
+    out = []
+    for v in f.preset.knockout:
+        for seed in sorted(f.done.get(v, {})):
+            path = f.directory(v, seed) / "knockout.json"
+            if path.is_file():
+                results = json.loads(path.read_text(), parse_constant=float)
+                results = {k: {"tasks": {t: {m: math.nan if x is None else x for m, x in row.items()} for t, row in r["tasks"].items()}}
+                           for k, r in results.items()}
+                out.append(f"{v}, seed {seed}: change when expert e is removed from every MoE layer\n\n"
+                           + to_markdown(results, "success") + "\n" + to_markdown(results, "flow_fixed"))
+    return "\n".join(out) or "No knockout run finished.\n"
+
+
+def heldout_table(f: Finished) -> str:
+    """Variants trained with `holdout_tasks`: their numbers on the held-out tasks, and paired against each other."""
+    held = {v: tuple(f.config(v)["data"]["init_args"].get("holdout_tasks") or ()) for v in f.variants()}
+    held = {v: t for v, t in held.items() if t}
+    if not held:
+        return "No held-out run finished.\n"
+    lines = ["| variant | held-out tasks | " + " | ".join(f"{m} (held out)" for m in ("success", "preserve_accuracy", "flow_fixed"))
+             + " | flow_fixed (trained tasks) |", "|---" * 6 + "|"]
+    for v, tasks in held.items():
+        samples = f.samples(v)
+        trained = set(samples[min(samples)]["task"]) - set(tasks)
+        cells = [_fmt(*mean_std([_group_mean(s, m, set(tasks)) for s in samples.values()])) for m in ("success", "preserve_accuracy", "flow_fixed")]
+        cells.append(_fmt(*mean_std([_group_mean(s, "flow_fixed", trained) for s in samples.values()])))
+        lines.append(f"| {v} | {', '.join(tasks)} | " + " | ".join(cells) + " |")
+    names = list(held)
+    for a, b in zip(names, names[1:]):
+        p = paired(f.samples(a), f.samples(b), "flow_fixed", set(held[a]))
+        lines += ["", f"Paired {a} − {b} on the held-out tasks, flow_fixed: {_paired_cell(p, False)}."]
+    return "\n".join(lines) + "\n"
+
+
+def wall_times(f: Finished) -> str:
+    lines = ["| run | steps | fit s | test s | curve s | knockout s |", "|---" * 6 + "|"]
+    total = 0.0
+    for v in f.variants():
+        for seed, d in sorted(f.done[v].items()):
+            total += sum(x for k, x in d.items() if k.endswith("_s"))
+            lines.append(f"| {v}/seed{seed} | {d['steps']} | {d['fit_s']:.0f} | {d['test_s']:.0f} | "
+                         f"{d.get('curve_s', 0):.0f} | {d.get('knockout_s', 0):.0f} |")
+    return "\n".join(lines) + f"\n\nTotal: {total / 60:.1f} min.\n"
+
+
+def _rel(path: Path, link: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(link.resolve().parent))
+    except ValueError:
+        return str(path.resolve())
+
+
+def section(f: Finished, figures: Path, link: Path) -> str:
+    tasks = list(next(iter(next(iter(f.reports.values())).values()))["tasks"])
+    groups = task_groups(tasks)
+    base = ", ".join(f"`{c}`" for c in f.preset.base)
+    parts = [
+        f"### Preset `{f.preset.name}`: {base}",
+        "Seed-mean ± std over seeds of each run's test numbers (all test samples; groups by Scope tag: "
+        + "; ".join(f"{g} = {', '.join(sorted(t))}" for g, t in groups.items() if g != "all") + ").",
+        main_table(f, groups),
+        "#### Paired differences", paired_tables(f, groups),
+        "#### Edit success per task", per_task_table(f, "success"),
+        "#### Flow loss at fixed σ per task", per_task_table(f, "flow_fixed"),
+        "#### Routing", routing_figures(f, figures, link),
+        "#### Curves", curve_figures(f, figures, link),
+        "#### Expert knockout", knockout_table(f),
+        "#### Held-out task combinations", heldout_table(f),
+        "#### Wall time per run", wall_times(f),
+    ]
+    return "\n\n".join(p.strip("\n") for p in parts) + "\n"
+
+
+def write_report(preset: Preset, out: Path, extra: list[str], report: Path, figures: Path) -> Path:
+    """(Re)write this preset's section of `report` from the finished runs under `out`."""
+    f = Finished(preset, out, extra)
+    if not f.reports:
+        raise FileNotFoundError(f"No finished study run under {out}; run `python -m tagmoe_lit study --preset …` first.")
+    figures.mkdir(parents=True, exist_ok=True)
+    begin, end = f"<!-- study:{preset.name}:begin (generated by `python -m tagmoe_lit study`; edits here are overwritten) -->", f"<!-- study:{preset.name}:end -->"
+    body = f"{begin}\n{section(f, figures, report)}{end}"
+    text = report.read_text(encoding="utf-8") if report.is_file() else "# Results\n\n"
+    start, stop = text.find(begin.split(" ")[0] + " "), text.find(end)
+    text = text[:start] + body + text[stop + len(end):] if start >= 0 and stop > start else text.rstrip("\n") + "\n\n" + body + "\n"
+    atomic_write_text(report, text)
+    print(f"Wrote the {preset.name} section of {report} (figures in {figures}).")
+    return report
