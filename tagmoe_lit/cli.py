@@ -55,3 +55,14 @@ class TagMoECLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> TagMoECLI:
     return TagMoECLI(args=args)
+
+
+class _ParseOnly(TagMoECLI):
+    def instantiate_classes(self) -> None:
+        """Nothing is built: the config is only parsed and checked."""
+
+
+def resolved_config(args: list[str]) -> str:
+    """The YAML of every option after composing `args` (configs and overrides), nothing instantiated."""
+    cli = _ParseOnly(args=args, run=False)
+    return cli.parser.dump(cli.config, skip_none=False)

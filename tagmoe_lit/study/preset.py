@@ -20,8 +20,6 @@ noise, so two variants' test numbers can be compared sample by sample.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -50,13 +48,6 @@ class Run:
     def name(self) -> str:
         return f"{self.variant}/seed{self.seed}"
 
-    def fingerprint(self, extra: list[str]) -> str:
-        """Hash of everything that decides this run's results: config texts, seed, overrides."""
-        h = hashlib.sha256()
-        for path in self.configs:
-            h.update(path.encode() + b"\0" + Path(path).read_bytes() + b"\0")
-        h.update(json.dumps([self.seed, self.curve, self.knockout, extra]).encode())
-        return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from tagmoe_lit.data.synthtag import TASK_TAGS
 from tagmoe_lit.io import atomic_write_text
 from tagmoe_lit.study.paired import Paired, mean_std, paired
 from tagmoe_lit.study.preset import Preset
-from tagmoe_lit.study.runner import load_done, run_dir
+from tagmoe_lit.study.runner import fingerprint, load_done, run_dir
 
 # Metrics of the tables (test_report per-sample names) and whether higher is better.
 METRICS = {"success": True, "edit_accuracy": True, "preserve_accuracy": True, "psnr_preserved": True,
@@ -49,7 +49,7 @@ class Finished:
         self.reports: dict[str, dict[int, dict]] = defaultdict(dict)
         for run in preset.runs():
             directory = run_dir(out, run)
-            done = load_done(directory, run.fingerprint(extra))
+            done = load_done(directory, fingerprint(run, extra, preset.curves))
             if done:
                 self.done[run.variant][run.seed] = done
                 self.reports[run.variant][run.seed] = json.loads((directory / "test_report.json").read_text())

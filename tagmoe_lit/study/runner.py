@@ -6,8 +6,8 @@
 Each run (a variant on a seed, `preset.py`) lives in `<out>/<variant>/seed<s>/`: TensorBoard logs and
 checkpoints from `fit`, `test_report.{json,md}` from `test` (per-sample numbers included), and for
 some runs `curve.json` (test metrics of intermediate checkpoints) and `knockout.json`. A run is done
-when its `done.json` exists with the fingerprint of its current configs; such runs are skipped. A
-run without one (interrupted, or its configs changed) is deleted and trained again from step 0,
+when its `done.json` exists with the fingerprint of its current resolved config; such runs are
+skipped. A run without one (interrupted, or its config changed) is deleted and trained again from step 0,
 which gives exactly the numbers of an uninterrupted run (training is deterministic and its noise
 is seeded per sample). When every run is done, `report.py` writes the results section.
 
@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import shutil
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from tagmoe_lit.io import atomic_write_text
 from tagmoe_lit.metrics.report import json_safe
-from tagmoe_lit.study.preset import Preset, Run
+from tagmoe_lit.study.preset import Curves, Preset, Run
 
 # What `--smoke` adds: 2 optimizer steps per run, one validation batch, a test sample or two per
 # task, 2 sampler steps, curve checkpoints every step: the whole suite's machinery in seconds.
@@ -52,10 +55,31 @@ def load_done(directory: Path, fingerprint: str) -> dict | None:
     return done if done.get("fingerprint") == fingerprint else None
 
 
+@contextmanager
+def _own_arguments():
+    """LightningCLI warns when given `args` while sys.argv holds others (here: the study's own)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
+        yield
+
+
 def _cli(args: list[str]):
     from tagmoe_lit.cli import main  # imported late: `study --help` stays instant
 
-    return main(args)
+    with _own_arguments():
+        return main(args)
+
+
+def fingerprint(run: Run, extra: list[str], curves: Curves) -> str:
+    """Hash of what decides the run's results: its resolved config (so a comment, or an option a
+    later config overrides, changes nothing) and the extras it runs (curve points, knockout)."""
+    from tagmoe_lit.cli import resolved_config
+
+    where = ["--trainer.default_root_dir", ".", "--trainer.logger.init_args.save_dir", "."]  # set per run at fit
+    with _own_arguments():
+        config = resolved_config([*_seeded(run, extra), *where])
+    extras = [run.curve and (curves.every_n_steps, curves.test_samples), run.knockout]
+    return hashlib.sha256((config + json.dumps(extras)).encode()).hexdigest()[:16]
 
 
 def _seeded(run: Run, extra: list[str]) -> list[str]:
@@ -107,8 +131,9 @@ def train_and_test(run: Run, directory: Path, extra: list[str], curve_every: int
         from tagmoe_lit.knockout import main as knockout
 
         start = time.perf_counter()
-        knockout([*_seeded(run, extra), "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir",
-                  str(directory / "knockout"), "--ckpt_path", str(final)])
+        with _own_arguments():
+            knockout([*_seeded(run, extra), "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir",
+                      str(directory / "knockout"), "--ckpt_path", str(final)])
         shutil.move(str(ckpt_dir / "knockout.json"), directory / "knockout.json")
         (ckpt_dir / "knockout.md").unlink()
         times["knockout_s"] = time.perf_counter() - start
@@ -120,9 +145,9 @@ def run_study(preset: Preset, out: Path, extra: list[str]) -> list[Run]:
     runs = preset.runs()
     for i, run in enumerate(runs, 1):
         directory = run_dir(out, run)
-        fingerprint = run.fingerprint(extra)
+        key = fingerprint(run, extra, preset.curves)
         tag = f"[study {preset.name} {i}/{len(runs)}] {run.name}"
-        if load_done(directory, fingerprint):
+        if load_done(directory, key):
             print(f"{tag}: done, skipped")
             continue
         if directory.exists():
@@ -131,7 +156,7 @@ def run_study(preset: Preset, out: Path, extra: list[str]) -> list[Run]:
         directory.mkdir(parents=True)
         print(f"{tag}: fit, test{', curve' if run.curve else ''}{', knockout' if run.knockout else ''} → {directory}", flush=True)
         record = train_and_test(run, directory, extra, preset.curves.every_n_steps, preset.curves.test_samples)
-        record.update(fingerprint=fingerprint, variant=run.variant, seed=run.seed)
+        record.update(fingerprint=key, variant=run.variant, seed=run.seed)
         atomic_write_text(directory / "done.json", json.dumps(record, indent=1))
         print(f"{tag}: finished in {sum(v for k, v in record.items() if k.endswith('_s')):.0f} s", flush=True)
     return runs
