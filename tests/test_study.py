@@ -71,7 +71,8 @@ def test_cpu_suite_runs_two_steps_per_run_and_resumes(tmp_path, capsys, monkeypa
     (tmp_path / "results.md").write_text("# Results\n\nHand-written discussion stays.\n")
     study(smoke(tmp_path, "cpu"))
     runs = tmp_path / "runs"
-    variants = ["dense", "moe_agnostic", "tagmoe", "tagcond_oracle", "heldout_tagmoe", "heldout_agnostic"]
+    variants = list(Preset.load(ROOT / "experiments/study/cpu.yaml", root=ROOT).variants)
+    assert {"dense", "moe_agnostic", "tagmoe", "tagcond_oracle", "heldout_tagmoe", "heldout_agnostic"} <= set(variants)
     for v in variants:
         done = json.loads((runs / v / "seed0" / "done.json").read_text())
         assert done["steps"] == 2 and done["fit_s"] > 0

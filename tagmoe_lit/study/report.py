@@ -152,7 +152,7 @@ def routing_figures(f: Finished, figures: Path, link: Path) -> str:
         tasks = list(f.reports[v][seed]["tasks"])
         for layer, r in f.reports[v][seed]["routing"].items():
             share = torch.tensor(r["task_expert_share"])
-            title = f"{v} seed {seed}, {layer}: NMI {r['nmi']:.2f} (shuffled {r['nmi_shuffled']:.2f})"
+            title = f"{v} seed {seed}, {layer}\nNMI {r['nmi']:.2f} (shuffled tasks {r['nmi_shuffled']:.2f})"
             path = figures / f"{f.preset.name}_routing_{v}_{layer}.png"
             heatmap(share, tasks, [f"e{e}" for e in range(share.shape[1])], title).savefig(path)
             lines.append(f"![{v} {layer}]({_rel(path, link)})")
@@ -222,8 +222,9 @@ def heldout_table(f: Finished) -> str:
         lines.append(f"| {v} | {', '.join(tasks)} | " + " | ".join(cells) + " |")
     names = list(held)
     for a, b in zip(names, names[1:]):
-        p = paired(f.samples(a), f.samples(b), "flow_fixed", set(held[a]))
-        lines += ["", f"Paired {a} − {b} on the held-out tasks, flow_fixed: {_paired_cell(p, False)}."]
+        cells = [f"{m} {_paired_cell(paired(f.samples(a), f.samples(b), m, set(held[a])), METRICS[m])}"
+                 for m in ("success", "preserve_accuracy", "psnr_edit", "flow_fixed")]
+        lines += ["", f"Paired {a} − {b} on the held-out tasks: " + "; ".join(cells) + "."]
     return "\n".join(lines) + "\n"
 
 
