@@ -69,7 +69,8 @@ def test_tensorboard_shows_loads_heatmaps_specialization_and_sample_grids(traine
         assert -1 <= scalars[f"val_align/{task}/cos"][-1] <= 1
     assert {"val_routing/heatmap/tags", "val_align/semantic_cosine", "val_samples/grid"} <= set(tags["images"])
     grid = events.Images("val_samples/grid")[-1]
-    assert grid.height == 2 * (9 * 34 + 2) and grid.width == 2 * (3 * 34 + 2)  # 9 tasks × (source | target | generated)
+    cell = cli.datamodule.image_size + 2  # an image with make_grid's 2-px padding, then the grid's 2× upscale
+    assert grid.height == 2 * (9 * cell + 2) and grid.width == 2 * (3 * cell + 2)  # 9 tasks × (source | target | generated)
     assert {"val/flow_fixed", "val/flow_fixed_uncond", "val/cond_gain"} <= set(scalars)
 
 

@@ -21,7 +21,7 @@ from callbacks.figures import heatmap
 from tagmoe_lit.data.synthtag import TASK_TAGS
 from tagmoe_lit.io import atomic_write_text
 from tagmoe_lit.study.paired import Paired, mean_std, paired
-from tagmoe_lit.study.preset import Preset
+from tagmoe_lit.study.preset import Preset, Run
 from tagmoe_lit.study.runner import fingerprint, load_done, run_dir
 
 # Metrics of the tables (test_report per-sample names) and whether higher is better.
@@ -61,7 +61,7 @@ class Finished:
         return {seed: r["per_sample"] for seed, r in self.reports[variant].items()}
 
     def directory(self, variant: str, seed: int) -> Path:
-        return self.out / variant / f"seed{seed}"
+        return run_dir(self.out, Run(variant, seed, ()))
 
     def config(self, variant: str) -> dict:
         """The resolved config of the variant's first finished run (what Lightning saved)."""
