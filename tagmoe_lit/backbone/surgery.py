@@ -21,6 +21,13 @@ from tagmoe_lit.moe.upcycle import upcycle_
 MoEFactory = Callable[[int, int], MoELayer]
 
 
+def _tail(blocks: nn.ModuleList, num_blocks: int) -> nn.ModuleList:
+    """The last `num_blocks` blocks, the ones whose image FFN the surgery replaces."""
+    if not 0 < num_blocks <= len(blocks):
+        raise ValueError(f"moe_blocks={num_blocks} must be between 1 and the number of blocks ({len(blocks)}).")
+    return blocks[len(blocks) - num_blocks :]
+
+
 def install_moe(
     blocks: nn.ModuleList,
     num_blocks: int,
@@ -30,11 +37,9 @@ def install_moe(
     seed: int = 0,
 ) -> list[MoELayer]:
     """Replace `img_mlp` in the last `num_blocks` blocks; return the new layers in block order."""
-    if not 0 < num_blocks <= len(blocks):
-        raise ValueError(f"moe_blocks={num_blocks} must be between 1 and the number of blocks ({len(blocks)}).")
     generator = torch.Generator().manual_seed(seed)
     layers = []
-    for block in blocks[len(blocks) - num_blocks :]:
+    for block in _tail(blocks, num_blocks):
         ffn = block.img_mlp
         dim, hidden = ffn.net[0].proj.in_features, ffn.net[0].proj.out_features
         moe = make_moe(dim, hidden).to(ffn.net[0].proj.weight.device)
@@ -47,9 +52,7 @@ def install_moe(
 
 def widen_ffns(blocks: nn.ModuleList, num_blocks: int, factor: int) -> None:
     """Replace `img_mlp` in the last `num_blocks` blocks by a freshly initialised FFN D → 4·factor·D → D."""
-    if not 0 < num_blocks <= len(blocks):
-        raise ValueError(f"moe_blocks={num_blocks} must be between 1 and the number of blocks ({len(blocks)}).")
-    for block in blocks[len(blocks) - num_blocks :]:
+    for block in _tail(blocks, num_blocks):
         proj = block.img_mlp.net[0].proj
         dim, hidden = proj.in_features, proj.out_features
         with torch.device(proj.weight.device):

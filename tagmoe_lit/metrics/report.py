@@ -75,11 +75,12 @@ class TaskReport:
         """
         if not self._tasks:
             raise ValueError("TaskReport is empty: no evaluation batch was added.")
-        keep = _first_occurrences(torch.cat(self._index)) if len(self._index) == len(self._tasks) else slice(None)
-        task_B = torch.cat(self._tasks)[keep]
+        tasks_N = torch.cat(self._tasks)
+        index_N = torch.cat(self._index) if len(self._index) == len(self._tasks) else torch.arange(len(tasks_N))
+        keep = _first_occurrences(index_N)  # positions are distinct: without ids every sample is kept
+        task_B, index_N = tasks_N[keep], index_N[keep]
         names = self.task_names or [str(i) for i in range(int(task_B.max()) + 1)]
         values = {k: torch.cat(v)[keep] for k, v in self._values.items()}
-        index_N = torch.cat(self._index)[keep] if len(self._index) == len(self._tasks) else torch.arange(len(task_B))
         out: dict = {"tasks": {}, "samples": {}, "all": {k: _nanmean(v) for k, v in values.items()}, "routing": {}}
         out["per_sample"] = {"index": index_N.tolist(), "task": [names[t] for t in task_B.tolist()]}
         out["per_sample"].update({k: v.tolist() for k, v in values.items()})

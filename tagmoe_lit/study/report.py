@@ -85,8 +85,7 @@ def _fmt(mean: float, std: float | None = None, digits: int = 3) -> str:
 
 
 def _group_mean(samples: dict, metric: str, tasks: set[str]) -> float:
-    values = [v for t, v in zip(samples["task"], samples[metric]) if t in tasks and v is not None and not math.isnan(v)]
-    return sum(values) / len(values) if values else math.nan
+    return mean_std([v for t, v in zip(samples["task"], samples[metric]) if t in tasks])[0]
 
 
 def main_table(f: Finished, groups: dict[str, set[str]]) -> str:

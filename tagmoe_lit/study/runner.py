@@ -121,9 +121,10 @@ def train_and_test(run: Run, directory: Path, extra: list[str], curve_every: int
     if run.curve:
         start = time.perf_counter()
         points = []
-        for ckpt in sorted(ckpt_dir.glob("curve-step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1])):
+        by_step = {int(ckpt.stem.split("=")[1]): ckpt for ckpt in ckpt_dir.glob("curve-step=*.ckpt")}
+        for step, ckpt in sorted(by_step.items()):
             summary = _test(run, extra, ckpt, directory / "curve", curve_samples)
-            points.append({"step": int(ckpt.stem.split("=")[1]), "tasks": summary["tasks"], "all": summary["all"]})
+            points.append({"step": step, "tasks": summary["tasks"], "all": summary["all"]})
             ckpt.unlink()  # a curve point is its numbers; the weights would fill the disk
         atomic_write_text(directory / "curve.json", json.dumps(json_safe(points), indent=1, allow_nan=False))
         times["curve_s"] = time.perf_counter() - start
