@@ -1,0 +1,61 @@
+"""FSDP2 (`fully_shard`) applied from outside the model, in torchtitan's fixed order.
+
+The model only exposes its blocks (`QwenImageBackbone.blocks`); this file decides how they are
+sharded: activation checkpointing on each block, `fully_shard` on each block, then `fully_shard` on
+the root, so every parameter outside the blocks (embedders, norms, MoE heads) is sharded and its
+gradients are reduced too. `tagmoe_lit.distributed.wrap.apply_wrappers` calls `parallelize` only
+under Lightning's `ModelParallelStrategy` (which sets `device_mesh`); Lightning's FSDP1
+`FSDPStrategy` wraps by class from its YAML instead.
+
+Lightning's mesh is 2-D (`data_parallel` × `tensor_parallel`, by default nodes × devices per node).
+TAG-MoE has no tensor parallelism, so every rank is a data-parallel rank: the default shards each
+parameter over all ranks (FSDP); `hybrid_shard` shards within the mesh's last dim and replicates
+across its first (HSDP: shard within a node, replicate across nodes).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+def shard_mesh(device_mesh: DeviceMesh, hybrid_shard: bool = False) -> DeviceMesh:
+    """The mesh to shard over: all ranks as one dim (FSDP), or Lightning's 2-D mesh as (replicate, shard)."""
+    if hybrid_shard:
+        if device_mesh.ndim != 2:
+            raise ValueError(f"hybrid_shard needs a 2-D device mesh (replicate × shard) but got {device_mesh.ndim} dims; "
+                             "use Lightning's ModelParallelStrategy, whose mesh is nodes × devices.")
+        return device_mesh
+    if device_mesh.ndim == 1:
+        return device_mesh
+    return init_device_mesh(device_mesh.device_type, (device_mesh.size(),), mesh_dim_names=("shard",))
+
+
+def parallelize(
+    module: nn.Module,
+    device_mesh: DeviceMesh,
+    blocks: nn.ModuleList | None = None,
+    activation_checkpointing: bool = False,
+    hybrid_shard: bool = False,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """FSDP2 on `module`: optionally checkpoint each of `blocks`, shard each block, then the root.
+
+    Args:
+        module: the root to shard (e.g. the backbone); its parameters outside `blocks` form the root unit.
+        device_mesh: the strategy's mesh (Lightning's `LightningModule.device_mesh`).
+        blocks: the transformer blocks inside `module`, each its own unit (replaced in place when checkpointed).
+        activation_checkpointing: recompute each block's activations in backward (`checkpoint_wrapper`).
+        hybrid_shard: HSDP over a 2-D mesh instead of sharding over all ranks (see module doc).
+        reshard_after_forward: free gathered parameters after forward (ZeRO-3); False keeps them to backward.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = shard_mesh(device_mesh, hybrid_shard)
+    for i, block in enumerate(blocks if blocks is not None else []):
+        if activation_checkpointing:
+            blocks[i] = block = checkpoint_wrapper(block)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return module

@@ -1,0 +1,69 @@
+"""The one place where features that wrap the model from outside are applied (FSDP2 today; LoRA and
+expert parallelism plug in here), and where a meta build is made real.
+
+`TagMoEModule.configure_model` builds its components, freezes what it must, then calls `wrap_model`
+once. The order is fixed, as in torchtitan's `parallelize_*`: sharding (which must see the final
+module tree: a future LoRA wrapper goes before it), then materialization of a meta build on the
+strategy's device (under FSDP2 each rank allocates only its shards).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING
+
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from tagmoe_lit.distributed.fsdp2 import parallelize
+from tagmoe_lit.distributed.materialize import materialize_, uninitializable
+from tagmoe_lit.distributed.strategy import FSDP2Options, FSDP2Strategy
+
+if TYPE_CHECKING:
+    from tagmoe_lit.protocols import Backbone
+
+
+def fsdp2_options(strategy: Strategy | None) -> FSDP2Options:
+    """The strategy's FSDP2 settings (`FSDP2Strategy`), or the defaults for a plain ModelParallelStrategy."""
+    return strategy.fsdp2 if isinstance(strategy, FSDP2Strategy) else FSDP2Options()
+
+
+def wrap_model(
+    backbone: Backbone, others: list[nn.Module], mesh: DeviceMesh | None, strategy: Strategy | None, meta: bool
+) -> None:
+    """Shard (FSDP2, when the strategy gave a device mesh) and materialize (meta builds under a trainer).
+
+    Args:
+        backbone: its blocks are the FSDP2 units and the activation-checkpointing units.
+        others: further trainable components (tag embedder, head), each sharded as one unit.
+        mesh: Lightning's `device_mesh` (ModelParallelStrategy), None elsewhere.
+        strategy: the trainer's strategy, None without a trainer (inspection, export): a meta build
+            then stays on meta.
+        meta: the components were built on the meta device.
+    """
+    if mesh is not None:
+        options = fsdp2_options(strategy)
+        parallelize(backbone, mesh, backbone.blocks, options.activation_checkpointing, options.hybrid_shard,
+                    options.reshard_after_forward)
+        for part in others:
+            parallelize(part, mesh, hybrid_shard=options.hybrid_shard, reshard_after_forward=options.reshard_after_forward)
+    if meta and strategy is not None:
+        materialize([backbone, *others], strategy)
+
+
+def materialize(parts: list[nn.Module], strategy: Strategy) -> None:
+    """Allocate the meta-built components on the strategy's device with their declared init
+    (`materialize_`): here for one device, DDP and FSDP2 (sharded already: each rank allocates its
+    shards). FSDP1 wraps and materializes unit by unit in its own setup, so it gets `materialize_` as
+    its `param_init_fn` (its default calls `reset_parameters` on every module and fails on diffusers'
+    RMSNorm, which has none)."""
+    unknown = sorted({name for part in parts for name in uninitializable(part)})
+    if unknown:
+        raise TypeError(f"model.meta_init cannot initialize {', '.join(unknown)} (no reset_parameters and no entry in "
+                        "tagmoe_lit.distributed.INITS); add one there, or set meta_init: false.")
+    if isinstance(strategy, FSDPStrategy):
+        strategy.kwargs["param_init_fn"] = partial(materialize_, device=strategy.root_device)
+        return
+    for part in parts:
+        materialize_(part, strategy.root_device)
