@@ -19,7 +19,9 @@ from tagmoe_lit.moe import (
     router_z_loss,
     upcycle_,
 )
-from tagmoe_lit.moe.counting import parameter_counts
+from tagmoe_lit.moe.parameter_counts import parameter_counts
+from tagmoe_lit.moe.expert_counts import end_step
+from tagmoe_lit.protocols import Router
 from tagmoe_lit.moe.stats import RoutingStats
 from tagmoe_lit.moe.upcycle import downcycle_
 
@@ -102,7 +104,7 @@ def test_no_token_dropped_under_skewed_router_and_idle_experts_get_gradients():
     x[..., 0] = 1.0
     y, y_ref = fast(x), oracle(x)
     torch.testing.assert_close(y, y_ref)
-    counts = fast.last.counts_E
+    counts = fast.routing.counts_E
     assert counts.sum() == 4 * 64, "every token must be processed (dropless)"
     assert counts[0] == 4 * 64, "the skewed router sends everything to expert 0, leaving 1..3 idle"
     y.sum().backward()
@@ -133,29 +135,29 @@ def test_token_mask_limits_statistics_to_counted_tokens():
     x = torch.randn(2, 10, 16)
     mask = torch.zeros(2, 10, dtype=torch.bool)
     mask[:, :3] = True
-    layer.token_mask = mask
+    layer.set_routing_inputs(mask)
     layer(x)
-    assert layer.last.counts_E.sum() == 6
-    assert layer.last.top1_counts_BE.sum(1).tolist() == [3.0, 3.0]
-    torch.testing.assert_close(layer.last.signature_BE.sum(1), torch.ones(2))
+    assert layer.routing.counts_E.sum() == 6
+    assert layer.routing.top1_counts_BE.sum(1).tolist() == [3.0, 3.0]
+    torch.testing.assert_close(layer.routing.signature_BE.sum(1), torch.ones(2))
 
 
 def test_load_balancing_loss_is_one_for_uniform_router_and_grows_with_imbalance():
     layer = MoELayer(16, 32).eval()  # eval: each forward's own counts (training sums the step's micro-batches)
     torch.nn.init.zeros_(layer.router.gate.weight)
     layer(torch.randn(2, 10, 16))
-    assert load_balancing_loss(RoutingStats([layer.last])).item() == pytest.approx(1.0)
+    assert load_balancing_loss(RoutingStats([layer.routing])).item() == pytest.approx(1.0)
     _skew_(layer)
     x = torch.randn(2, 10, 16)
     x[..., 0] = 1.0
     layer(x)
-    assert load_balancing_loss(RoutingStats([layer.last])).item() > 2.0
+    assert load_balancing_loss(RoutingStats([layer.routing])).item() > 2.0
 
 
 def test_round_robin_debug_routing_balances_exactly():
     layer = MoELayer(16, 32, debug_round_robin=True)
     layer(torch.randn(2, 8, 16))
-    assert layer.last.counts_E.tolist() == [4.0, 4.0, 4.0, 4.0]
+    assert layer.routing.counts_E.tolist() == [4.0, 4.0, 4.0, 4.0]
 
 
 def test_bad_arguments_are_rejected_with_clear_messages():
@@ -186,9 +188,9 @@ def test_aux_free_bias_halves_load_imbalance_within_50_updates_and_survives_stat
     cvs = []
     for _ in range(50):
         layer(_skewed_tokens())
-        cvs.append(_load_cv(layer.pending_counts_E))
-        layer.router.update_bias(layer.pending_counts_E)
-        layer.pending_counts_E.zero_()
+        cvs.append(_load_cv(layer.counts.step_total()))
+        end_step([layer])  # the optimizer-step hook: bias update from the step's counts, then reset
+        assert not layer.counts.step_total().any()
     assert cvs[-1] <= 0.5 * cvs[0], f"load CV {cvs[0]:.3f} → {cvs[-1]:.3f}"
     bias = layer.router.expert_bias.clone()
     assert bias[0] < 0 and abs(bias.sum()) < 1e-6
@@ -220,17 +222,19 @@ def test_tag_conditioned_router_uses_tags_and_says_so_when_they_are_missing():
     x = torch.randn(2, 5, 16)
     with pytest.raises(ValueError, match="needs each sample's tags at inference"):
         layer(x)
-    layer.context = torch.randn(2, 8) * 100  # a strong tag signal decides the expert per sample
+    layer.set_routing_inputs(context_BC=torch.randn(2, 8) * 100)  # a strong tag signal decides the expert per sample
     layer(x)
-    top1 = layer.last.top1_counts_BE
+    top1 = layer.routing.top1_counts_BE
     assert (top1.max(1).values == 5).all(), "every token of a sample follows its tags"
-    layer.context = torch.randn(2, 3)
+    layer.set_routing_inputs(context_BC=torch.randn(2, 3))
     with pytest.raises(ValueError, match=r"tag_dim=8\) got tag embeddings of size 3"):
         layer(x)
 
 
 class HalfRouter(torch.nn.Module):
     """A user's router, defined outside the kit: logits from the first half of the features."""
+
+    needs_context = False  # the Router protocol (tagmoe_lit.protocols)
 
     def __init__(self, dim: int, num_experts: int, scale: float = 1.0):
         super().__init__()
@@ -242,8 +246,7 @@ class HalfRouter(torch.nn.Module):
 
 
 def test_a_user_router_works_by_class_path_alone(tmp_path):
-    from test_configs import BASE, smoke_args
-
+    from helpers import BASE, smoke_args
     from tagmoe_lit.cli import TagMoECLI
 
     cli = TagMoECLI(args=["fit", "--config", str(BASE), *smoke_args(tmp_path),
@@ -251,6 +254,7 @@ def test_a_user_router_works_by_class_path_alone(tmp_path):
                           "--model.backbone.init_args.moe.init_args.router.init_args.scale", "2.0"])
     routers = [layer.router for layer in cli.model.backbone.moe_layers]
     assert all(type(r).__name__ == "HalfRouter" and r.scale == 2.0 for r in routers)
+    assert all(isinstance(r, Router) for r in routers)
     assert cli.trainer.global_step == 2
 
 
@@ -258,7 +262,7 @@ def test_z_loss_of_a_zero_router_is_log_e_squared():
     layer = MoELayer(16, 32)
     torch.nn.init.zeros_(layer.router.gate.weight)
     layer(torch.randn(2, 6, 16))
-    assert router_z_loss(RoutingStats([layer.last])).item() == pytest.approx(math.log(4) ** 2)
+    assert router_z_loss(RoutingStats([layer.routing])).item() == pytest.approx(math.log(4) ** 2)
 
 
 def test_balance_counts_accumulate_over_micro_batches_in_training_only():
@@ -266,10 +270,10 @@ def test_balance_counts_accumulate_over_micro_batches_in_training_only():
     x = torch.randn(2, 6, 16)
     layer(x)
     layer(x)
-    assert layer.last.step_counts_E.sum() == 24 and layer.last.counts_E.sum() == 12
+    assert layer.routing.step_counts_E.sum() == 24 and layer.routing.counts_E.sum() == 12
     layer.eval()
     layer(x)
-    assert layer.pending_counts_E.sum() == 24 and layer.last.step_counts_E.sum() == 12
+    assert layer.counts.step_total().sum() == 24 and layer.routing.step_counts_E.sum() == 12
 
 
 def test_partial_reinit_and_downcycling():
@@ -332,3 +336,47 @@ def test_dense_wide_backbone_holds_the_moe_tail_total_parameters():
     assert [b.img_mlp.net[0].proj.out_features for b in wide.blocks] == [512] * 4 + [2048] * 2
     with pytest.raises(ValueError, match="widen_tail=4 widens dense FFNs: it needs moe: null"):
         QwenImageBackbone(**sizes, widen_tail=4, moe=partial(MoELayer, num_experts=4))
+
+
+def _tiny_moe_transformer(**moe):
+    """A 2-block diffusers Qwen-Image transformer whose last block's image FFN is a `MoELayer`."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from tagmoe_lit.backbone.surgery import install_moe
+
+    torch.manual_seed(0)
+    transformer = QwenImageTransformer2DModel(num_layers=2, num_attention_heads=2, attention_head_dim=16,
+                                              axes_dims_rope=(4, 6, 6), in_channels=12, out_channels=3, joint_attention_dim=24)
+    (layer,) = install_moe(transformer.transformer_blocks, 1, partial(MoELayer, **moe))
+    return transformer, layer
+
+
+def test_gradient_checkpointing_outside_the_lightning_module_counts_each_token_once():
+    """diffusers' own gradient checkpointing re-runs the MoE forward inside backward (DESIGN.md pitfall 8);
+    `ExpertCounts` ignores that recompute, so a plain training loop counts 2 × 8 tokens, not twice that."""
+    transformer, layer = _tiny_moe_transformer()
+    transformer.enable_gradient_checkpointing()
+    transformer.train()
+    out = transformer(hidden_states=torch.randn(2, 8, 12), encoder_hidden_states=torch.randn(2, 3, 24),
+                      timestep=torch.rand(2), img_shapes=[[(1, 2, 4)]] * 2, return_dict=False)[0]
+    assert layer.counts.step_total().sum() == 16
+    out.pow(2).mean().backward()
+    assert layer.counts.step_total().sum() == 16, "the recompute in backward was counted again"
+    assert layer.router.gate.weight.grad is not None
+
+
+def test_meta_materialized_experts_start_tied_like_the_eager_surgery():
+    """One init path: the eager surgery copies the FFN it replaces into every expert; a meta build has no
+    FFN, so materialization's `MoELayer.reset_parameters` upcycles a fresh one — tied copies either way."""
+    from tagmoe_lit.distributed import materialize_
+
+    _, eager = _tiny_moe_transformer()
+    with torch.device("meta"):
+        _, meta = _tiny_moe_transformer()
+    materialize_(meta, "cpu")
+    for layer in (eager, meta):
+        w1, w2, b1 = layer.experts.w1_EDH, layer.experts.w2_EHD, layer.experts.b1_EH
+        assert all(torch.equal(t[e], t[0]) for t in (w1, w2, b1) for e in range(1, 4)), "experts are not tied copies"
+    bound = 1 / math.sqrt(meta.experts.dim)  # nn.Linear's init of the fresh dense FFN
+    assert 0.5 * bound < meta.experts.w1_EDH.abs().max() <= bound
+    assert not meta.counts.step_total().any()

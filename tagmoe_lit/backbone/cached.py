@@ -2,10 +2,10 @@
 
     model:
       text_encoder:
-        class_path: tagmoe_lit.data.CachedTextEncoder
+        class_path: tagmoe_lit.backbone.CachedTextEncoder
         init_args: {cache_dir: cache/}
       codec:
-        class_path: tagmoe_lit.data.CachedCodec
+        class_path: tagmoe_lit.backbone.CachedCodec
         init_args:
           cache_dir: cache/
           codec: {class_path: tagmoe_lit.backbone.QwenVAECodec, init_args: {pretrained_path: /models/Qwen-Image/vae}}
@@ -32,8 +32,8 @@ import itertools
 import torch
 from torch import nn
 
-from tagmoe_lit.backbone import FrozenTextEncoder
-from tagmoe_lit.data.tensor_cache import TensorCache, tensor_key
+from tagmoe_lit.backbone.tensor_cache import TensorCache, tensor_key
+from tagmoe_lit.backbone.text import FrozenTextEncoder
 from tagmoe_lit.tags.annotators.answer_cache import content_key, folder_fingerprint
 
 

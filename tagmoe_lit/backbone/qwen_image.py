@@ -26,6 +26,7 @@ from torch import nn
 from tagmoe_lit.backbone.local import component_dir
 from tagmoe_lit.backbone.surgery import MoEFactory, install_moe, widen_ffns
 from tagmoe_lit.moe.stats import RoutingStats
+from tagmoe_lit.moe.upcycle import Upcycling
 
 
 # The kit's tiny default (CPU) and the released Qwen-Image sizes, for the fields a checkpoint decides.
@@ -111,11 +112,9 @@ class QwenImageBackbone(nn.Module):
             raise ValueError(f"widen_tail={widen_tail} widens dense FFNs: it needs moe: null and an integer >= 1.")
         if widen_tail > 1:
             widen_ffns(self.transformer.transformer_blocks, moe_blocks, widen_tail)
-        self.moe_layers = (
-            install_moe(self.transformer.transformer_blocks, moe_blocks, moe, upcycle_noise, upcycle_reinit, seed)
-            if moe
-            else []
-        )
+        self.pretrained_path = pretrained_path
+        self.upcycling = Upcycling(upcycle_noise, upcycle_reinit, seed)
+        self.moe_layers = install_moe(self.transformer.transformer_blocks, moe_blocks, moe, self.upcycling) if moe else []
 
     def rebuild_rope(self) -> bool:
         """Recompute RoPE's tables if they are on the meta device; True if it did.
@@ -139,6 +138,12 @@ class QwenImageBackbone(nn.Module):
         self.rebuild_rope()
         return self
 
+    def dead_ends(self) -> list[nn.Module]:
+        """Modules whose output nothing reads: the last block still computes a text-stream output
+        (`attn.to_add_out`, then `txt_mlp`) that the image prediction never uses."""
+        last = self.blocks[-1]
+        return [last.attn.to_add_out, last.txt_mlp]
+
     @property
     def blocks(self) -> nn.ModuleList:
         """The transformer blocks (what FSDP wraps and activation checkpointing re-runs)."""
@@ -152,8 +157,12 @@ class QwenImageBackbone(nn.Module):
         text_BLD: torch.Tensor,
         text_mask_BL: torch.Tensor | None,
         sigma_B: torch.Tensor,
+        context_BC: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RoutingStats | None]:
-        """Predict the flow velocity for the target tokens; also return the MoE routing record."""
+        """Predict the flow velocity for the target tokens; also return the MoE routing record.
+
+        `context_BC` (the tag embedding s) reaches only routers that declare `needs_context` (the
+        tag-conditioned oracle); TAG-MoE's own routers never see tags."""
         B, T, _ = noisy_BTP.shape
         frames = [(1, *grid_hw)]
         x_BSP = noisy_BTP
@@ -163,7 +172,7 @@ class QwenImageBackbone(nn.Module):
         token_mask_BS = torch.zeros(B, x_BSP.shape[1], dtype=torch.bool, device=x_BSP.device)
         token_mask_BS[:, :T] = True  # the generated image's tokens
         for layer in self.moe_layers:
-            layer.token_mask = token_mask_BS
+            layer.set_routing_inputs(token_mask_BS, context_BC)
         if text_mask_BL is not None and bool(text_mask_BL.all()):
             text_mask_BL = None  # no padding: let attention take the unmasked (faster) path
         out_BSP = self.transformer(
@@ -174,7 +183,7 @@ class QwenImageBackbone(nn.Module):
             img_shapes=[frames] * B,
             return_dict=False,
         )[0]
-        stats = RoutingStats([layer.last for layer in self.moe_layers]) if self.moe_layers else None
+        stats = RoutingStats([layer.routing for layer in self.moe_layers]) if self.moe_layers else None
         return out_BSP[:, :T], stats
 
 

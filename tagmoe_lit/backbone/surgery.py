@@ -16,7 +16,7 @@ from diffusers.models.attention import FeedForward
 from torch import nn
 
 from tagmoe_lit.moe.layer import MoELayer
-from tagmoe_lit.moe.upcycle import upcycle_
+from tagmoe_lit.moe.upcycle import Upcycling, upcycle_
 
 MoEFactory = Callable[[int, int], MoELayer]
 
@@ -29,22 +29,24 @@ def _tail(blocks: nn.ModuleList, num_blocks: int) -> nn.ModuleList:
 
 
 def install_moe(
-    blocks: nn.ModuleList,
-    num_blocks: int,
-    make_moe: MoEFactory,
-    upcycle_noise: float = 0.0,
-    upcycle_reinit: float = 0.0,
-    seed: int = 0,
+    blocks: nn.ModuleList, num_blocks: int, make_moe: MoEFactory, upcycling: Upcycling = Upcycling()
 ) -> list[MoELayer]:
-    """Replace `img_mlp` in the last `num_blocks` blocks; return the new layers in block order."""
-    generator = torch.Generator().manual_seed(seed)
+    """Replace `img_mlp` in the last `num_blocks` blocks; return the new layers in block order.
+
+    Experts start as copies of the FFN they replace (`upcycle_`, one generator seeded by
+    `upcycling.seed` consumed block by block). On the meta device there is nothing to copy yet:
+    materialization runs `MoELayer.reset_parameters`, which upcycles a freshly drawn FFN through
+    the same `upcycle_` (tied copies either way; noise and re-init apply to real FFN weights, which
+    a meta build receives from `model.init_weights`).
+    """
+    generator = torch.Generator().manual_seed(upcycling.seed)
     layers = []
     for block in _tail(blocks, num_blocks):
         ffn = block.img_mlp
         dim, hidden = ffn.net[0].proj.in_features, ffn.net[0].proj.out_features
         moe = make_moe(dim, hidden).to(ffn.net[0].proj.weight.device)
         if ffn.net[0].proj.weight.device.type != "meta":
-            upcycle_(moe.experts, ffn, upcycle_noise, upcycle_reinit, generator)
+            upcycle_(moe.experts, ffn, upcycling.noise, upcycling.reinit, generator)
         block.img_mlp = moe
         layers.append(moe)
     return layers

@@ -79,6 +79,10 @@ class FrozenTextEncoder(nn.Module):
             model.to(device)
         return model
 
+    def cached_instructions(self) -> list[str]:
+        """The instructions whose features are held in memory, least recently used first."""
+        return list(self._cache)
+
     def frozen_model(self) -> nn.Module:
         """The loaded frozen model, for in-place changes such as 8/4-bit storage (`tagmoe_lit.quantize`)."""
         return self._load()[1]

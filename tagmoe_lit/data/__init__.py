@@ -1,6 +1,6 @@
-"""Data: the SynthTAG generator and DataModule, JSONL manifest data, prompt lists, disk caches."""
+"""Data: the SynthTAG generator and DataModule, JSONL manifest data, prompt lists (the encoders' disk
+caches are model components: `tagmoe_lit.backbone.CachedTextEncoder` / `CachedCodec`)."""
 
-from tagmoe_lit.data.cached_encoders import CachedCodec, CachedTextEncoder
 from tagmoe_lit.data.datamodule import SynthTAGDataModule
 from tagmoe_lit.data.manifest import ManifestError
 from tagmoe_lit.data.manifest_datamodule import ManifestDataModule
@@ -9,8 +9,6 @@ from tagmoe_lit.data.synthtag import TASKS, SynthSample, SynthTAG
 
 __all__ = [
     "TASKS",
-    "CachedCodec",
-    "CachedTextEncoder",
     "ManifestDataModule",
     "ManifestError",
     "PromptListDataset",

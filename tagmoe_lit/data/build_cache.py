@@ -16,7 +16,7 @@ import sys
 import torch
 from torch import nn
 
-from tagmoe_lit.data.cached_encoders import CachedCodec, CachedTextEncoder
+from tagmoe_lit.backbone import CachedCodec, CachedTextEncoder
 from tagmoe_lit.data.manifest_datamodule import ManifestDataModule
 
 
@@ -64,8 +64,8 @@ def main(args: list[str]) -> dict[str, int]:
     codec = model.codec if isinstance(model.codec, CachedCodec) else None
     if text is None and codec is None:
         raise SystemExit(
-            "Nothing to cache: set model.text_encoder to tagmoe_lit.data.CachedTextEncoder and/or model.codec to "
-            "tagmoe_lit.data.CachedCodec (each with a cache_dir) in the config."
+            "Nothing to cache: set model.text_encoder to tagmoe_lit.backbone.CachedTextEncoder and/or model.codec to "
+            "tagmoe_lit.backbone.CachedCodec (each with a cache_dir) in the config."
         )
     counts = build_caches(dm, text, codec)
     print(f"Cached {counts['rows']} rows: {counts['text_entries']} text entries, {counts['codec_entries']} image entries.", file=sys.stderr)

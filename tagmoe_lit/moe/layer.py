@@ -17,9 +17,12 @@ Top-1 output is scaled by the *raw* top-1 probability, as the official release (
 does; renormalizing it to 1 would cut the router off from the task loss (DESIGN.md pitfall 3).
 For k > 1, `renormalize=True` makes the k weights sum to 1.
 
-Two per-forward inputs are set by the backbone / module as attributes before the forward:
-`token_mask` (bool [B, T]: the tokens that count for statistics) and `context` ([B, C] per-sample
-features for routers that declare `needs_context`, e.g. the tag-conditioned oracle).
+The layer replaces a diffusers FFN called as `img_mlp(x)`, so two per-sample inputs reach it
+through `set_routing_inputs` before the backbone's forward: `token_mask_BT` (the tokens that count
+for statistics) and `context_BC` (features for routers with `needs_context`, e.g. the tag-conditioned
+oracle). They stay set until the next call, so activation checkpointing's recompute sees them too.
+Each forward's record is read back through `routing`; training counts go to `counts`
+(`ExpertCounts`, which ignores checkpoint recomputes).
 `knockout(experts)` removes experts for analysis: they are never selected, so their tokens go
 to their next-best expert, weighted by that expert's own (unrenormalized) probability.
 """
@@ -32,9 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tagmoe_lit.metrics.entropy import entropy
 from tagmoe_lit.moe.experts import Dispatch, StackedExperts
+from tagmoe_lit.moe.expert_counts import BiasBalanced, ExpertCounts
 from tagmoe_lit.moe.routers import LinearRouter
 from tagmoe_lit.moe.stats import LayerRouting
+from tagmoe_lit.moe.upcycle import reset_tied_
 
 RouterFactory = Callable[[int, int], nn.Module]
 
@@ -79,12 +85,28 @@ class MoELayer(nn.Module):
         self.debug_round_robin = debug_round_robin
         self.router = router(dim, num_experts)
         self.experts = StackedExperts(num_experts, dim, hidden, bias=expert_bias)
-        # assignments since the last optimizer step (all micro-batches); read and zeroed by the module
-        self.register_buffer("pending_counts_E", torch.zeros(num_experts), persistent=False)
-        self.token_mask: torch.Tensor | None = None
-        self.context: torch.Tensor | None = None
-        self.last: LayerRouting | None = None
+        self.counts = ExpertCounts(num_experts)  # assignments since the last optimizer step (all micro-batches)
+        self._token_mask_BT: torch.Tensor | None = None
+        self._context_BC: torch.Tensor | None = None
+        self._routing: LayerRouting | None = None
         self.knocked_out: tuple[int, ...] = ()
+
+    def set_routing_inputs(self, token_mask_BT: torch.Tensor | None = None, context_BC: torch.Tensor | None = None) -> None:
+        """The tokens that count for statistics (bool [B, T]; None: all) and the per-sample router
+        context ([B, C], used by routers with `needs_context`) of the next forwards."""
+        self._token_mask_BT, self._context_BC = token_mask_BT, context_BC
+
+    @property
+    def routing(self) -> LayerRouting | None:
+        """The record of the last forward (None before the first)."""
+        return self._routing
+
+    def reset_parameters(self) -> None:
+        """Start the experts as tied copies of one fresh dense FFN (`upcycle.reset_tied_`), as an eager
+        build's surgery starts them from the FFN it replaces. Materialization of a meta build runs
+        this after the children's inits; the constructor does not (it would draw from the global RNG
+        an eager build has not drawn from), so a layer built on its own keeps independent experts."""
+        reset_tied_(self.experts)
 
     def knockout(self, experts: tuple[int, ...] | list[int] = ()) -> None:
         """Never select these experts (expert-knockout analysis); `()` restores the layer."""
@@ -108,7 +130,7 @@ class MoELayer(nn.Module):
     def route(self, x_ND: torch.Tensor, context_NC: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Returns logits_NE and probs_NE (fp32), scores_NK (fp32) and expert ids idx_NK."""
         with torch.autocast(device_type=x_ND.device.type, enabled=False):
-            if getattr(self.router, "needs_context", False):
+            if self.router.needs_context:
                 logits_NE = self.router(x_ND.float(), None if context_NC is None else context_NC.float()).float()
             else:
                 logits_NE = self.router(x_ND.float()).float()
@@ -118,7 +140,7 @@ class MoELayer(nn.Module):
             idx_NK = (n[:, None] + torch.arange(self.top_k, device=x_ND.device)) % self.num_experts
         else:
             select_NE = probs_NE
-            if hasattr(self.router, "selection_bias"):
+            if isinstance(self.router, BiasBalanced):
                 select_NE = probs_NE + self.router.selection_bias().to(probs_NE)  # choice only, not weights
             if self.knocked_out:
                 select_NE = select_NE.index_fill(1, torch.tensor(self.knocked_out, device=x_ND.device), -torch.inf)
@@ -158,9 +180,9 @@ class MoELayer(nn.Module):
     # -- 5. publish ---------------------------------------------------------------------------
     def _publish(self, logits_BTE: torch.Tensor, probs_BTE: torch.Tensor, idx_BTK: torch.Tensor) -> None:
         B, T, E = probs_BTE.shape
-        mask_BT = self.token_mask if self.token_mask is not None else probs_BTE.new_ones(B, T, dtype=torch.bool)
+        mask_BT = self._token_mask_BT if self._token_mask_BT is not None else probs_BTE.new_ones(B, T, dtype=torch.bool)
         if mask_BT.shape != (B, T):
-            raise ValueError(f"token_mask has shape {tuple(mask_BT.shape)} but the layer input is [B={B}, T={T}].")
+            raise ValueError(f"token_mask_BT has shape {tuple(mask_BT.shape)} but the layer input is [B={B}, T={T}].")
         w_BT = mask_BT.to(probs_BTE.dtype)
         n_B = w_BT.sum(1).clamp_min(1.0)
         signature_BE = (probs_BTE * w_BT[..., None]).sum(1) / n_B[:, None]
@@ -170,19 +192,19 @@ class MoELayer(nn.Module):
             top1_counts_BE = onehot_BTKE[:, :, 0].sum(1)
             counts_E = onehot_BTKE.sum((0, 1, 2))
             if self.training:
-                self.pending_counts_E += counts_E
-            step_counts_E = self.pending_counts_E.clone() if self.training else counts_E
-            ent_BT = -(probs_BTE * probs_BTE.clamp_min(1e-12).log()).sum(-1)
-            entropy = (ent_BT * w_BT).sum() / w_BT.sum().clamp_min(1.0)
+                self.counts.add(counts_E)
+            step_counts_E = self.counts.step_total() if self.training else counts_E
+            ent_BT = entropy(probs_BTE)
+            mean_entropy = (ent_BT * w_BT).sum() / w_BT.sum().clamp_min(1.0)
         probs_mean_E = (signature_BE * n_B[:, None]).sum(0) / n_B.sum()
-        self.last = LayerRouting(probs_mean_E, counts_E, step_counts_E, signature_BE, top1_counts_BE, entropy, z_loss)
+        self._routing = LayerRouting(probs_mean_E, counts_E, step_counts_E, signature_BE, top1_counts_BE, mean_entropy, z_loss)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         context_NC = None
-        if self.context is not None and getattr(self.router, "needs_context", False):
-            context_NC = self.context.repeat_interleave(T, dim=0)  # (B, C) → (N, C)
+        if self._context_BC is not None and self.router.needs_context:
+            context_NC = self._context_BC.repeat_interleave(T, dim=0)  # (B, C) → (N, C)
         logits_NE, probs_NE, scores_NK, idx_NK = self.route(x_ND, context_NC)
         backend = self._backend(x_ND)
         if backend == "loop":

@@ -18,17 +18,9 @@ averaged over layers; it keeps logits small so the fp32 softmax stays well condi
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from tagmoe_lit.moe.expert_counts import global_counts
 from tagmoe_lit.moe.stats import RoutingStats
-
-
-def global_counts(counts_LE: torch.Tensor) -> torch.Tensor:
-    """Sum per-layer expert counts over all data-parallel ranks (identity when not distributed)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        counts_LE = counts_LE.clone()
-        dist.all_reduce(counts_LE)
-    return counts_LE
 
 
 def load_balancing_loss(stats: RoutingStats) -> torch.Tensor:

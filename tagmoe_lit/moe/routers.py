@@ -1,8 +1,10 @@
 """Routers: token features → expert logits.
 
-The protocol a router implements (a user's own router in their own module works by `class_path`):
+The protocol a router implements (`tagmoe_lit.protocols.Router`; a user's own router in their own
+module works by `class_path`):
 
     class MyRouter(nn.Module):
+        needs_context = False                        # True: forward also gets the sample's context
         def __init__(self, dim: int, num_experts: int, **your_options): ...
         def forward(self, x_ND: Tensor) -> Tensor:   # logits_NE, any dtype
             ...
@@ -11,10 +13,11 @@ The MoE layer builds it as `router(dim, num_experts)`; YAML gives only `your_opt
 runs the router in fp32 with autocast disabled (DESIGN.md pitfall 4), applies the softmax and the
 top-k choice itself, so a router holds no routing policy, only the scoring function.
 
-Two optional hooks:
+Two optional capabilities:
 - `selection_bias() -> Tensor[E]`: added to the probabilities for the top-k *choice* only (the
-  weights stay the raw probabilities), and `update_bias(counts_E)`, called by the module once per
-  optimizer step with the step's global expert counts (`AuxFreeBiasRouter`).
+  weights stay the raw probabilities), and `update_bias(counts_E)`, called once per optimizer step
+  with the step's global expert counts (`AuxFreeBiasRouter`; the `BiasBalanced` protocol of
+  `expert_counts.py`, whose `end_step` calls it).
 - `needs_context = True`: `forward(x_ND, context_NC)` also receives per-token copies of the
   sample's context (the tag embedding s, `TagConditionedRouter`).
 """
@@ -28,6 +31,8 @@ from torch import nn
 
 class LinearRouter(nn.Module):
     """One bias-free Linear(dim → E), as MegaBlocks' dMoE in the official TAG-MoE release."""
+
+    needs_context = False
 
     def __init__(self, dim: int, num_experts: int, init_std: float = 0.02):
         """
@@ -50,6 +55,8 @@ class LinearRouter(nn.Module):
 
 class MLPRouter(nn.Module):
     """The paper's gate: a 2-layer MLP (Linear → GELU → Linear) scoring the experts."""
+
+    needs_context = False
 
     def __init__(self, dim: int, num_experts: int, hidden: int = 256, init_std: float = 0.02):
         """

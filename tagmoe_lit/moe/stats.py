@@ -1,8 +1,9 @@
 """`RoutingStats`: the small record MoE layers publish on every forward.
 
 Losses and callbacks read this record and nothing else from the layers (no private attributes).
-Each layer *overwrites* its record on every forward rather than accumulating, so activation
-checkpointing's re-run of the forward (DESIGN.md pitfall 8) cannot double-count anything.
+Each layer *overwrites* its record on every forward (`MoELayer.routing`); the only counts that
+accumulate across forwards, for the optimizer step, belong to `ExpertCounts` (`expert_counts.py`),
+which ignores activation checkpointing's re-run of the forward (DESIGN.md pitfall 8).
 Only tokens selected by the layer's token mask (the generated image's tokens) are counted.
 
 `RoutingRecord` is what the LightningModule publishes for callbacks after each forward: the

@@ -10,10 +10,21 @@ back into one FFN for ablations.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from tagmoe_lit.moe.experts import StackedExperts
+
+
+@dataclass(frozen=True)
+class Upcycling:
+    """How a backbone turns dense FFN weights into experts (`upcycle_`'s options and its generator's seed)."""
+
+    noise: float = 0.0  # relative Gaussian noise on the copied matrices
+    reinit: float = 0.0  # share of each expert's hidden units re-initialised
+    seed: int = 0  # seeds one CPU generator, consumed block by block
 
 
 def _pairs(experts: StackedExperts, ffn: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -74,3 +85,45 @@ def downcycle_(ffn: nn.Module, experts: StackedExperts) -> None:
     """Write the mean of the experts into a dense FFN in place (the reverse of upcycling)."""
     for stacked, dense in _pairs(experts, ffn):
         dense.copy_(stacked.mean(0).to(dense.dtype))
+
+
+@torch.no_grad()
+def upcycled_on_cpu(
+    experts: StackedExperts, ffn: nn.Module, noise_std: float = 0.0, reinit_fraction: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> StackedExperts:
+    """New CPU experts of `experts`' shape and dtype, upcycled from `ffn` (`upcycle_`): the full tensors
+    for a sharded or not yet built layer."""
+    with torch.device("meta"):
+        full = StackedExperts(experts.num_experts, experts.dim, experts.hidden, bias=experts.b1_EH is not None)
+    full.to_empty(device="cpu").to(experts.w1_EDH.dtype)
+    upcycle_(full, ffn, noise_std, reinit_fraction, generator)
+    return full
+
+
+@torch.no_grad()
+def reset_tied_(experts: StackedExperts) -> None:
+    """From-scratch experts as the surgery starts them: one freshly initialised dense FFN (diffusers'
+    `FeedForward`, drawn from the global RNG on CPU) copied into every expert through `upcycle_`.
+
+    The meta-device path of the same init: an eager build copies the FFN it replaces, a meta build
+    has none, so `MoELayer.reset_parameters` (which materialization runs) draws one. Works on FSDP2
+    shards too: the full copies are made on CPU and each rank keeps its part.
+    """
+    from diffusers.models.attention import FeedForward
+
+    with torch.device("cpu"):
+        ffn = FeedForward(experts.dim, dim_out=experts.dim, inner_dim=experts.hidden, activation_fn="gelu-approximate")
+    for name, t in upcycled_on_cpu(experts, ffn).named_parameters():
+        _fill_(getattr(experts, name), t)
+
+
+def _fill_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full CPU tensor into a parameter, or into this rank's shard of a DTensor parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+        param.to_local().copy_(local)
+    else:
+        param.copy_(full)
