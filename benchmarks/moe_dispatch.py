@@ -95,7 +95,7 @@ def measure(dim: int, tokens: int, routing: str, backend: str, repeats: int, dty
     for _ in range(2):  # warm-up
         fwd_bwd(moe, x, grad), fwd_bwd(dense, x, grad)
     iters = max(1, round(0.15 / fwd_bwd(dense, x, grad)))  # ≥ ~0.15 s per timed block: less jitter
-    sizes = moe.last.counts_E.long().tolist()
+    sizes = moe.routing.counts_E.long().tolist()
     split, floor = (SplitDense(dim, sizes, distinct).to(device, dtype) for distinct in (False, True))
     for _ in range(2):
         fwd_bwd(split, x, grad), fwd_bwd(floor, x, grad)
@@ -108,7 +108,7 @@ def measure(dim: int, tokens: int, routing: str, backend: str, repeats: int, dty
         """Per repeat, so each ratio compares runs that were neighbours in time."""
         return [ta / tb for ta, tb in zip(times[a], times[b])]
 
-    dropped = tokens * moe.top_k - int(moe.last.counts_E.sum())
+    dropped = tokens * moe.top_k - int(moe.routing.counts_E.sum())
     return {"ratio": quartiles(ratio("moe", "dense")), "split": statistics.median(ratio("split", "dense")),
             "floor": statistics.median(ratio("floor", "dense")), "over_floor": statistics.median(ratio("moe", "floor")),
             "moe_ms": statistics.median(times["moe"]) * 1e3, "dense_ms": statistics.median(times["dense"]) * 1e3,

@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 
 from tagmoe_lit.cli import TagMoECLI
-from tagmoe_lit.flow import interpolate
+from tagmoe_lit.generation import clean_estimate
 
 
 @torch.no_grad()
@@ -36,21 +36,13 @@ def reference_reading(cli: TagMoECLI, ckpt_path: str, samples: int, sigmas: list
     hits: dict[float, dict[str, list[float]]] = {s: defaultdict(list) for s in sigmas}
     seen = 0
     for batch in data.test_dataloader():
-        x0, source = model.encode_images(batch)
-        noise = model._sample_noise(batch, "eval")
-        keep = torch.zeros(len(batch["instruction"]), dtype=torch.bool)
-        instructions, reference = model._conditioning(batch, source, keep, keep)
-        grid = model.grid(batch["target"])
         for s in sigmas:
-            sigma = torch.full((x0.shape[0],), s)
-            x_s = interpolate(x0, noise, sigma)
-            v, _ = model.velocity(x_s, reference, grid, instructions, sigma, model.tag_embedding(batch))
-            image = model.codec.decode(x_s - s * v, *grid).clamp(0, 1)
+            image = clean_estimate(model, batch, s)
             within_B = ((image - batch["target"]).abs().amax(1) <= 0.1).float().mean((1, 2))
             for task, share in zip(batch["task"].tolist(), within_B.tolist()):
                 hits[s][data.task_names[task]].append(share)
                 hits[s]["all"].append(share)
-        seen += x0.shape[0]
+        seen += len(batch["instruction"])
         if seen >= samples:
             break
     return {s: {k: sum(v) / len(v) for k, v in per.items()} for s, per in hits.items()}

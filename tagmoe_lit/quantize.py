@@ -13,10 +13,13 @@ single-process and DDP runs: FSDP cannot shard bitsandbytes' packed parameters.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from tagmoe_lit.protocols import Backbone, TextEncoder
 
 QuantMode = Literal["int8", "nf4"]
 MODES = ("int8", "nf4")
@@ -56,3 +59,23 @@ def quantize_linears(module: nn.Module, mode: QuantMode) -> int:
         parent_name, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent_name) if parent_name else module, child, quantized_linear(linear, mode))
     return len(targets)
+
+
+def quantize_frozen(mode: QuantMode, text_encoder: TextEncoder, backbone: Backbone, trainable: str, sharded: bool) -> None:
+    """Store the frozen text encoder's model and (trainable: moe_tail) the backbone blocks without an
+    MoE layer in `mode`; refuse what cannot be done, and a setting that would quantize nothing."""
+    blocks = []
+    if trainable == "moe_tail":
+        if sharded:
+            raise ValueError("quantize_frozen with trainable: moe_tail quantizes backbone blocks, which FSDP cannot shard; "
+                             "use DDP or a single device, or set quantize_frozen: null.")
+        moe = {id(layer) for layer in backbone.moe_layers}
+        blocks = [b for b in backbone.blocks if not any(id(m) in moe for m in b.modules())]
+    text_model = text_encoder.frozen_model()
+    swapped = quantize_linears(text_model, mode) if text_model is not None else 0
+    for block in blocks:
+        swapped += quantize_linears(block, mode)
+    if not swapped:
+        raise ValueError(f"quantize_frozen: {mode} found no frozen linear layer (the text encoder "
+                         f"{type(text_encoder).__name__} has no frozen model and trainable is {trainable}); "
+                         "set quantize_frozen: null.")

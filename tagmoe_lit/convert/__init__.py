@@ -1,11 +1,11 @@
 """Weights in and out of the kit: the official TAG-MoE release → kit, kit checkpoint → diffusers-style directory."""
 
-from tagmoe_lit.convert.files import describe, kit_tensors, load_transformer_dir, read_state_dict, save_transformer_dir, transformer_from_dir
+from tagmoe_lit.convert.files import kit_tensors, read_state_dict, save_transformer_dir
+from tagmoe_lit.convert.load import load_transformer_dir, transformer_from_dir
 from tagmoe_lit.convert.official import OfficialInfo, from_official, to_official
 
 __all__ = [
     "OfficialInfo",
-    "describe",
     "kit_tensors",
     "from_official",
     "load_transformer_dir",

@@ -15,9 +15,11 @@ from typing import Literal
 
 import torch
 
-from tagmoe_lit.convert.files import TAGMOE_CONFIG, describe, key_problems, kit_tensors, load_transformer_dir, save_transformer_dir
+from tagmoe_lit.convert.files import TAGMOE_CONFIG, key_problems, kit_tensors, save_transformer_dir
+from tagmoe_lit.convert.load import load_transformer_dir
 from tagmoe_lit.convert.official import to_official
-from tagmoe_lit.module import CheckpointMismatchError, TagMoEModule
+from tagmoe_lit.identity import CheckpointMismatchError, model_identity
+from tagmoe_lit.module import TagMoEModule
 
 Layout = Literal["kit", "official"]
 
@@ -66,7 +68,7 @@ def export(
         max_shard_bytes: larger weights are split into safetensors shards with an index json.
     Returns the written file names.
     """
-    config = describe(module)
+    config = model_identity(module)
     tensors = kit_tensors(module)
     if dtype is not None:
         tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
