@@ -1,8 +1,11 @@
-"""`python -m tagmoe_lit {fit,validate,test,predict,annotate,cache,params,knockout,study,convert} …`.
+"""`python -m tagmoe_lit <command> …`: the kit's one entry point, dispatched through `COMMANDS`.
 
-LightningCLI looks every subcommand up on the Trainer, so the kit's own subcommands are dispatched
-here first and the rest go to `TagMoECLI`:
+`COMMANDS` maps each command name to its one-line help and a function that imports the command's
+`main(argv)` only when that command runs, so `python -m tagmoe_lit --help` (the table) answers
+at once and `params --help` does not wait for Lightning. Every command takes `--help`:
 
+- `fit`, `validate`, `test`, `predict`: LightningCLI (`tagmoe_lit/cli.py`); the subcommand name
+  stays in the arguments it parses;
 - `annotate`: tag a JSONL manifest (rules or a local Qwen2.5-VL), or compare two annotations
   (`tagmoe_lit/tags/annotators/run.py`);
 - `cache`: fill the text-embedding and latent caches for a manifest config ahead of training
@@ -10,55 +13,101 @@ here first and the rest go to `TagMoECLI`:
 - `params`: total vs active parameters, full Qwen-Image or a config's backbone (`tagmoe_lit/params.py`);
 - `knockout`: `test` with each expert removed from every MoE layer in turn (`tagmoe_lit/knockout.py`);
 - `study`: the ablation study — train, test and compare every run of a preset, resumably
-  (`tagmoe_lit/study/`);
+  (`tagmoe_lit/study/runner.py`);
 - `convert`: the official release's weights into the kit (`convert official`) and a checkpoint out
-  to a diffusers-style transformer directory (`convert export`) (`tagmoe_lit/convert/`).
+  to a diffusers-style transformer directory (`convert export`) (`tagmoe_lit/convert/cli.py`);
+- `consolidate`: one `.ckpt` file from a sharded (FSDP2) checkpoint directory
+  (`tagmoe_lit/distributed/cli.py`);
+- `synthtag-export`: SynthTAG samples written as a manifest of PNG files (`tagmoe_lit/data/export.py`).
+
+A new command is one entry in `COMMANDS` plus one line in the README's "Commands" section
+(`tests/test_commands.py` checks that the two agree and that every command answers `--help`).
+Without a command, or with `-h` / `--help`, the table is printed; an unknown command prints the
+table and exits with status 2, as argparse does for a usage error.
 """
 
+from __future__ import annotations
+
 import sys
+import warnings
+from importlib import import_module
+from typing import Any, Callable
+
+Main = Callable[[list[str]], Any]
 
 
-def run(argv: list[str] | None = None) -> object:
-    """Dispatch `argv` (default: the command line) to the kit's subcommands or to LightningCLI."""
-    given = argv is not None
-    argv = argv if given else sys.argv[1:]
-    command, rest = (argv[0], argv[1:]) if argv else (None, [])
-    if command == "annotate":
-        from tagmoe_lit.tags.annotators.run import main as annotate
+def _entry(module: str, function: str = "main") -> Callable[[], Main]:
+    """Imports `module.function` when called: nothing is imported until a command is chosen."""
+    return lambda: getattr(import_module(module), function)
 
-        return annotate(rest)
-    if command == "cache":
-        from tagmoe_lit.data.build_cache import main as cache
 
-        return cache(rest)
-    if command == "params":
-        from tagmoe_lit.params import main as params
+def _lightning(subcommand: str) -> Callable[[], Main]:
+    """The LightningCLI subcommand `subcommand`, given the arguments that follow it."""
 
-        return params(rest)
-    if command == "knockout":
-        from tagmoe_lit.knockout import main as knockout
+    def load() -> Main:
+        from tagmoe_lit.cli import main
 
-        return knockout(rest)
-    if command == "study":
-        from tagmoe_lit.study.runner import main as study
+        def lightning_main(argv: list[str]) -> Any:
+            # LightningCLI warns when handed `args` while sys.argv holds others; from the command line
+            # they are the same arguments, and in-process callers pass theirs on purpose
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
+                return main([subcommand, *argv])
 
-        return study(rest)
-    if command == "convert":
-        from tagmoe_lit.convert.cli import main as convert
+        return lightning_main
 
-        return convert(rest)
-    from tagmoe_lit.cli import main
+    return load
 
-    return main(argv if given else None)  # None: LightningCLI reads sys.argv itself (and does not warn)
+
+COMMANDS: dict[str, tuple[str, Callable[[], Main]]] = {
+    "fit": ("train a model (LightningCLI: --config experiments/base.yaml, any option from YAML or the command line)", _lightning("fit")),
+    "validate": ("validation losses and routing of a checkpoint (LightningCLI)", _lightning("validate")),
+    "test": ("per-task editing metrics of a checkpoint, written as test_report.{json,md} (LightningCLI)", _lightning("test")),
+    "predict": ("generate one PNG per sample plus predictions.jsonl with routing signatures (LightningCLI)", _lightning("predict")),
+    "annotate": ("tag a JSONL manifest (rules or a local Qwen2.5-VL), or compare two annotations", _entry("tagmoe_lit.tags.annotators.run")),
+    "cache": ("fill the text-embedding and latent caches of a manifest config ahead of training", _entry("tagmoe_lit.data.build_cache")),
+    "params": ("total vs active parameters of full Qwen-Image or of a config's backbone, on the meta device", _entry("tagmoe_lit.params")),
+    "knockout": ("test a checkpoint with each expert removed from every MoE layer in turn", _entry("tagmoe_lit.knockout")),
+    "study": ("the ablation study: train, test and compare every run of a preset, resumably", _entry("tagmoe_lit.study.runner")),
+    "convert": ("official release weights into the kit (official), a checkpoint out to diffusers layout (export)", _entry("tagmoe_lit.convert.cli")),
+    "consolidate": ("one .ckpt file from a sharded (FSDP2) checkpoint directory", _entry("tagmoe_lit.distributed.cli")),
+    "synthtag-export": ("write SynthTAG samples as a JSONL manifest of PNG files", _entry("tagmoe_lit.data.export")),
+}
+
+
+def usage() -> str:
+    """The command table: every command and its one-line help."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {summary}" for name, (summary, _) in COMMANDS.items()]
+    return "\n".join(["usage: python -m tagmoe_lit <command> [--help] ...", "", "commands:", *lines])
+
+
+def run(argv: list[str] | None = None) -> Any:
+    """Run the command named by `argv[0]` (default: the command line) with the rest of `argv`.
+
+    Returns what the command's `main` returns. Help and usage errors end in `SystemExit`
+    (status 0 and 2), as argparse's do.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        raise SystemExit(0)
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(usage(), file=sys.stderr)
+        print(f"\nUnknown command '{command}'; choose one of the commands above.", file=sys.stderr)
+        raise SystemExit(2)
+    _, load = COMMANDS[command]
+    return load()(rest)
 
 
 if __name__ == "__main__":
     try:
         run()
     finally:
-        import torch.distributed as dist
-
         # gloo/NCCL threads that outlive a process group nobody destroyed can abort the interpreter at
-        # exit ("terminate called without an active exception") after a run that succeeded
-        if dist.is_available() and dist.is_initialized():
+        # exit ("terminate called without an active exception") after a run that succeeded. A command
+        # that never imported torch.distributed has no group, and `--help` need not import torch.
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

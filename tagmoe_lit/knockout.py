@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from tagmoe_lit.cli import TagMoECLI
 from tagmoe_lit.io import atomic_write_text
+from tagmoe_lit.metrics.knockout import to_markdown
 from tagmoe_lit.metrics.report import json_safe
 
 
@@ -42,17 +42,6 @@ def knockout(cli: TagMoECLI, ckpt_path: str) -> dict:
     return results
 
 
-def to_markdown(results: dict, metric: str) -> str:
-    """Task × configuration table of one metric: the full model's value, then each knockout's change."""
-    base = results["all_experts"]["tasks"]
-    knocked = [k for k in results if k != "all_experts"]
-    lines = [f"| task | {metric} (all experts) | " + " | ".join(f"Δ {k}" for k in knocked) + " |", "|---" * (len(knocked) + 2) + "|"]
-    for task, row in base.items():
-        deltas = [results[k]["tasks"][task][metric] - row[metric] for k in knocked]
-        lines.append(f"| {task} | {row[metric]:.3f} | " + " | ".join("–" if math.isnan(d) else f"{d:+.3f}" for d in deltas) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         prog="python -m tagmoe_lit knockout",
@@ -71,7 +60,3 @@ def main(argv: list[str] | None = None) -> dict:
         atomic_write_text(out / "knockout.md", text)
         print(f"\n{text}\nWrote {out / 'knockout.json'} and {out / 'knockout.md'}")
     return results
-
-
-if __name__ == "__main__":
-    main()

@@ -17,7 +17,7 @@ from functools import partial
 import torch
 
 from tagmoe_lit.backbone.qwen_image import QWEN_IMAGE_IO, QWEN_IMAGE_SIZES, QwenImageBackbone
-from tagmoe_lit.moe.counting import parameter_counts
+from tagmoe_lit.moe.parameter_counts import parameter_counts
 from tagmoe_lit.moe.layer import MoELayer
 
 
