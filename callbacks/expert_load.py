@@ -25,10 +25,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-
-def entropy(p_XE: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of each row of a probability table: [X]."""
-    return -(p_XE * p_XE.clamp_min(1e-12).log()).sum(-1)
+from tagmoe_lit.metrics.entropy import entropy
 
 
 class ExpertLoadMonitor(L.Callback):
@@ -58,7 +55,7 @@ class ExpertLoadMonitor(L.Callback):
             return
         self._last_step = step
         load_LE = torch.stack([layer.load_E for layer in record.stats.layers]).float().cpu()
-        self._check_health(trainer, load_LE)
+        self.check_health(load_LE, step)
         metrics = {}
         for i, layer in enumerate(record.stats.layers):
             load = load_LE[i]
@@ -73,7 +70,10 @@ class ExpertLoadMonitor(L.Callback):
             if self.histograms:
                 self._log_histograms(trainer, record)
 
-    def _check_health(self, trainer: L.Trainer, load_LE: torch.Tensor) -> None:
+    def check_health(self, load_LE: torch.Tensor, step: int) -> None:
+        """One check of the [L, E] load shares at `step`: count the checks in a row each expert has been
+        under `min_share` (dead) or over `max_share` (collapse), and warn once per expert and kind
+        when a count reaches `patience`."""
         if self._low is None or self._low.shape != load_LE.shape:
             self._low, self._high = torch.zeros_like(load_LE), torch.zeros_like(load_LE)
         self._low = torch.where(load_LE < self.min_share, self._low + 1, 0)
@@ -84,7 +84,7 @@ class ExpertLoadMonitor(L.Callback):
                     self._warned.add((kind, i, j))
                     rank_zero_warn(
                         f"MoE layer {i}, expert {j}: load share {share} for {self.patience} checks in a row "
-                        f"(step {trainer.global_step}, {kind}); raise `model.lambda_lb` or try the aux_free router."
+                        f"(step {step}, {kind}); raise `model.lambda_lb` or try the aux_free router."
                     )
 
     def _log_histograms(self, trainer: L.Trainer, record) -> None:

@@ -15,8 +15,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from callbacks.figures import heatmap, log_figure
 from callbacks.routing_collector import RoutingCollector, ValidationRouting, task_names
+from tagmoe_lit.figures import heatmap, log_figure
 
 
 def mean_by_task(values_BX: torch.Tensor, task_B: torch.Tensor, tasks: list[int]) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torchvision
 from lightning.pytorch.utilities import move_data_to_device
 from torch.utils.data import default_collate
 
-from callbacks.figures import log_image
+from tagmoe_lit.figures import log_image
 from tagmoe_lit.sampling import EulerSampler
 
 

@@ -6,9 +6,13 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
+from tagmoe_lit.metrics.report import TaskReport
 from tagmoe_lit.study import Preset, PresetError, paired
+from tagmoe_lit.study.report import write_report
 from tagmoe_lit.study.runner import main as study
+from tagmoe_lit.study.runs import RunKey, fingerprint, load_done, run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +63,67 @@ def test_runs_are_seed_major_with_extras_on_the_first_seed():
     assert {r.name for r in runs if r.curve} == {"dense/seed0", "tagmoe/seed0"}
     assert {r.name for r in runs if r.knockout} == {"tagmoe/seed0"}
     assert {r.variant for r in runs if r.seed == 2} == {"dense", "moe_agnostic", "tagmoe", "tagcond_oracle"}
+
+
+def fake_run(directory: Path, key: str, success: list[float], flow: float, routed: bool) -> None:
+    """The files a finished run leaves for the report: done.json, test_report.json (4 samples: 2
+    recolor, 2 stylize), the TensorBoard folder with its config.yaml and a train/flow curve."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    report = TaskReport(["recolor", "stylize"])
+    task = torch.tensor([0, 0, 1, 1])
+    metrics = {"success": torch.tensor(success), "edit_accuracy": torch.full((4,), 0.5), "preserve_accuracy": torch.ones(4),
+               "psnr_preserved": torch.full((4,), 30.0), "psnr_edit": torch.full((4,), 20.0), "ssim_preserved": torch.ones(4),
+               "flow_fixed": torch.full((4,), flow)}
+    top1 = [torch.nn.functional.one_hot(task, 2).float() * 8] if routed else []  # recolor → e0, stylize → e1
+    report.add(task, metrics, top1, index_B=torch.arange(4))
+    report.write(directory)
+    log_dir = directory / "tensorboard" / "version_0"
+    with SummaryWriter(str(log_dir)) as writer:
+        for step in range(1, 4):
+            writer.add_scalar("train/flow", flow / step, step)
+    (log_dir / "config.yaml").write_text("data:\n  init_args: {holdout_tasks: null}\n")
+    (directory / "done.json").write_text(json.dumps({"fit_s": 60.0, "test_s": 5.0, "steps": 2, "fingerprint": key}))
+
+
+def test_report_is_written_from_finished_run_folders_only(tmp_path, monkeypatch):
+    """2 variants × 2 seeds of hand-made run folders (no training) give known tables; a run whose
+    done.json carries another fingerprint is left out; the report's own section is replaced in place."""
+    monkeypatch.chdir(ROOT)  # preset config paths are relative to the repository
+    (tmp_path / "p.yaml").write_text(
+        "base: [experiments/base.yaml]\nseeds: [0, 1]\n"
+        "variants: {dense: {configs: [experiments/dense.yaml]}, tagmoe: {configs: []}, stale: {configs: [], seeds: [0]}}\n"
+        "compare: [[tagmoe, dense]]\nknockout: [tagmoe]\n")
+    preset = Preset.load(tmp_path / "p.yaml", root=ROOT)
+    out = tmp_path / "runs"
+    success = {("dense", 0): [0, 1, 0, 0], ("dense", 1): [1, 1, 0, 0], ("tagmoe", 0): [1, 1, 1, 0], ("tagmoe", 1): [1, 1, 0, 1]}
+    for run in preset.runs():
+        directory = run_dir(out, run)
+        key = "0" * 16 if run.variant == "stale" else fingerprint(run, [], preset.curves).current
+        fake_run(directory, key, success.get((run.variant, run.seed), [1, 1, 1, 1]), 0.1 if run.variant == "tagmoe" else 0.2,
+                 routed=run.variant != "dense")
+    knockout = {"all_experts": {"tasks": {"recolor": {"success": 1.0, "flow_fixed": 0.1}, "stylize": {"success": 0.5, "flow_fixed": 0.1}}},
+                "without_e0": {"tasks": {"recolor": {"success": 0.25, "flow_fixed": 0.4}, "stylize": {"success": None, "flow_fixed": 0.1}}}}
+    (run_dir(out, preset.runs()[1]) / "knockout.json").write_text(json.dumps(knockout))
+    report = tmp_path / "results.md"
+    report.write_text("# Results\n\nBefore.\n\n<!-- study:p:begin old -->\nold numbers\n<!-- study:p:end -->\n\nAfter.\n")
+
+    write_report(preset, out, [], report, tmp_path / "figures")
+    text = report.read_text()
+    assert text.startswith("# Results\n\nBefore.\n\n<!-- study:p:begin (generated") and text.endswith("<!-- study:p:end -->\n\nAfter.\n")
+    assert "old numbers" not in text and "| stale |" not in text
+    # seed mean ± std of each run's mean: success (all), (local = recolor), (global = stylize), psnr_preserved, psnr_edit, flow_fixed
+    assert "| dense | 2 | 0.375 ± 0.177 | 0.750 ± 0.354 | 0.000 ± 0.000 | 30.000 ± 0.000 | 20.000 ± 0.000 | 0.200 ± 0.000 | – | 1.0 |" in text
+    assert "| tagmoe | 2 | 0.750 ± 0.000 | 1.000 ± 0.000 | 0.500 ± 0.000 | 30.000 ± 0.000 | 20.000 ± 0.000 | 0.100 ± 0.000 | 1.00 (" in text
+    # per-sample differences pooled over both seeds: [1, 0, 1, 0] and [0, 0, 0, 1]
+    assert "| success | +0.3750 ± 0.1830 **better** | +0.2500 ± 0.2500 | +0.5000 ± 0.2887 |" in text
+    assert "| flow_fixed | -0.1000 ± 0.0000 **better** |" in text
+    assert "| recolor | 0.750 ± 0.354 | 1.000 ± 0.000 |" in text and "| stylize | 0.000 ± 0.000 | 0.500 ± 0.000 |" in text
+    assert "| recolor | 1.000 | -0.750 |" in text and "| stylize | 0.500 | – |" in text  # knockout of tagmoe seed 0
+    assert "No held-out run finished." in text
+    assert "| tagmoe/seed1 | 2 | 60 | 5 | 0 | 0 |" in text and "Total: 4.3 min." in text
+    assert (tmp_path / "figures" / "p_curves.png").is_file() and (tmp_path / "figures" / "p_routing_tagmoe_layer_0.png").is_file()
+    assert "](figures/p_routing_tagmoe_layer_0.png)" in text
 
 
 def smoke(tmp_path, preset: str, *extra: str) -> list[str]:
@@ -115,3 +180,23 @@ def test_gpu_suite_runs_two_steps_per_run_on_cpu(tmp_path, monkeypatch):
     preset = Preset.load(ROOT / "experiments/study/gpu.yaml", root=ROOT)
     for v in preset.variants:
         assert (tmp_path / "runs" / v / "seed0" / "done.json").is_file()
+
+
+def test_runs_finished_before_the_config_reshape_are_recognised_and_migrated(tmp_path, monkeypatch):
+    """Issue 14 changed resolved configs (optimizer as a class_path, FSDP2 options on the strategy, the
+    encoders' caches in backbone/) but no result: the legacy form of today's config reproduces the
+    fingerprint the old kit gave each run (recorded from its code), and such a run's done.json is
+    accepted once and rewritten with today's fingerprint."""
+    monkeypatch.chdir(ROOT)
+    recorded = json.loads((ROOT / "tests/data/legacy_fingerprints.json").read_text())["fingerprints"]
+    presets = {name: Preset.load(ROOT / f"experiments/study/{name}.yaml", root=ROOT) for name in ("cpu", "gpu")}
+    runs = {f"{name}/{r.variant}/seed{r.seed}": (p, r) for name, p in presets.items() for r in p.runs()}
+    keys = {name: fingerprint(runs[name][1], [], runs[name][0].curves) for name in recorded}
+    assert {name: key.legacy for name, key in keys.items()} == recorded
+    assert all(key.current != key.legacy for key in keys.values())
+    name = "cpu/tagmoe/seed0"
+    (tmp_path / "done.json").write_text(json.dumps({"fit_s": 1.0, "fingerprint": recorded[name]}))
+    assert load_done(tmp_path, keys[name])["fit_s"] == 1.0
+    migrated = json.loads((tmp_path / "done.json").read_text())
+    assert migrated["fingerprint"] == keys[name].current and migrated["migrated_from"] == recorded[name]
+    assert load_done(tmp_path, RunKey("another")) is None

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from tagmoe_lit.metrics.entropy import entropy
+
 
 def nmi(table_TE: torch.Tensor) -> float:
     """NMI of a non-negative contingency table (rows: tasks, columns: experts)."""
@@ -17,12 +19,8 @@ def nmi(table_TE: torch.Tensor) -> float:
     pt, pe = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
     nz = p > 0
     mi = (p[nz] * (p[nz] / (pt @ pe)[nz]).log()).sum()
-
-    def entropy(q: torch.Tensor) -> torch.Tensor:
-        q = q[q > 0]
-        return -(q * q.log()).sum()
-
-    denom = 0.5 * (entropy(pt) + entropy(pe))
+    # marginals without their empty rows / columns, exact logs (eps=0): 0 log 0 = 0 by omission
+    denom = 0.5 * (entropy(pt[pt > 0], eps=0.0) + entropy(pe[pe > 0], eps=0.0))
     return float(mi / denom) if denom > 0 else 0.0
 
 

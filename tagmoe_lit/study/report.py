@@ -17,12 +17,13 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 
-from callbacks.figures import heatmap
 from tagmoe_lit.data.synthtag import TASK_TAGS
+from tagmoe_lit.figures import heatmap
 from tagmoe_lit.io import atomic_write_text
+from tagmoe_lit.metrics.knockout import to_markdown as knockout_markdown
 from tagmoe_lit.study.paired import Paired, mean_std, paired
 from tagmoe_lit.study.preset import Preset, Run
-from tagmoe_lit.study.runner import fingerprint, load_done, run_dir
+from tagmoe_lit.study.runs import fingerprint, load_done, run_dir
 
 # Metrics of the tables (test_report per-sample names) and whether higher is better.
 METRICS = {"success": True, "edit_accuracy": True, "preserve_accuracy": True, "psnr_preserved": True,
@@ -190,8 +191,6 @@ def curve_figures(f: Finished, figures: Path, link: Path) -> str:
 
 
 def knockout_table(f: Finished) -> str:
-    from tagmoe_lit.knockout import to_markdown
-
     out = []
     for v in f.preset.knockout:
         for seed in sorted(f.done.get(v, {})):
@@ -201,7 +200,7 @@ def knockout_table(f: Finished) -> str:
                 results = {k: {"tasks": {t: {m: math.nan if x is None else x for m, x in row.items()} for t, row in r["tasks"].items()}}
                            for k, r in results.items()}
                 out.append(f"{v}, seed {seed}: change when expert e is removed from every MoE layer\n\n"
-                           + to_markdown(results, "success") + "\n" + to_markdown(results, "flow_fixed"))
+                           + knockout_markdown(results, "success") + "\n" + knockout_markdown(results, "flow_fixed"))
     return "\n".join(out) or "No knockout run finished.\n"
 
 

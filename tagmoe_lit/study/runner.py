@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import shutil
 import time
-import warnings
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from tagmoe_lit.io import atomic_write_text
 from tagmoe_lit.metrics.report import json_safe
-from tagmoe_lit.study.preset import Curves, Preset, Run
+from tagmoe_lit.study.preset import Preset, Run
+from tagmoe_lit.study.runs import _own_arguments, _seeded, fingerprint, load_done, run_dir
 
 # What `--smoke` adds: 2 optimizer steps per run, one validation batch, a test sample or two per
 # task, 2 sampler steps, curve checkpoints every step: the whole suite's machinery in seconds.
@@ -42,49 +40,11 @@ SMOKE = [
 ]
 
 
-def run_dir(out: Path, run: Run) -> Path:
-    return out / run.variant / f"seed{run.seed}"
-
-
-def load_done(directory: Path, fingerprint: str) -> dict | None:
-    """The run's `done.json` if it was finished with these configs, else None."""
-    marker = directory / "done.json"
-    if not marker.is_file():
-        return None
-    done = json.loads(marker.read_text())
-    return done if done.get("fingerprint") == fingerprint else None
-
-
-@contextmanager
-def _own_arguments():
-    """LightningCLI warns when given `args` while sys.argv holds others (here: the study's own)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
-        yield
-
-
 def _cli(args: list[str]):
     from tagmoe_lit.cli import main  # imported late: `study --help` stays instant
 
     with _own_arguments():
         return main(args)
-
-
-def fingerprint(run: Run, extra: list[str], curves: Curves) -> str:
-    """Hash of what decides the run's results: its resolved config (so a comment, or an option a
-    later config overrides, changes nothing) and the extras it runs (curve points, knockout)."""
-    from tagmoe_lit.cli import resolved_config
-
-    where = ["--trainer.default_root_dir", ".", "--trainer.logger.init_args.save_dir", "."]  # set per run at fit
-    with _own_arguments():
-        config = resolved_config([*_seeded(run, extra), *where])
-    extras = [run.curve and (curves.every_n_steps, curves.test_samples), run.knockout]
-    return hashlib.sha256((config + json.dumps(extras)).encode()).hexdigest()[:16]
-
-
-def _seeded(run: Run, extra: list[str]) -> list[str]:
-    configs = [a for path in run.configs for a in ("--config", path)]
-    return [*configs, "--seed_everything", str(run.seed), "--model.seed", str(run.seed), *extra]
 
 
 def _test(run: Run, extra: list[str], ckpt: Path, directory: Path, samples: int | None = None) -> dict:
@@ -157,7 +117,7 @@ def run_study(preset: Preset, out: Path, extra: list[str]) -> list[Run]:
         directory.mkdir(parents=True)
         print(f"{tag}: fit, test{', curve' if run.curve else ''}{', knockout' if run.knockout else ''} → {directory}", flush=True)
         record = train_and_test(run, directory, extra, preset.curves.every_n_steps, preset.curves.test_samples)
-        record.update(fingerprint=key, variant=run.variant, seed=run.seed)
+        record.update(fingerprint=key.current, variant=run.variant, seed=run.seed)
         atomic_write_text(directory / "done.json", json.dumps(record, indent=1))
         print(f"{tag}: finished in {sum(v for k, v in record.items() if k.endswith('_s')):.0f} s", flush=True)
     return runs
@@ -182,6 +142,7 @@ def main(argv: list[str] | None = None) -> Path:
         preset = replace(preset, curves=replace(preset.curves, every_n_steps=1, test_samples=18))
     if not known.report_only:
         run_study(preset, out, extra)
+    # late, like `_cli`: `study --help` stays instant (no cycle: the report imports runs.py, never this file)
     from tagmoe_lit.study.report import write_report
 
     report = Path(known.report)

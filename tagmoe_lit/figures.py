@@ -1,6 +1,8 @@
-"""Matplotlib figures for TensorBoard: heatmaps and image grids, logged to every TensorBoard logger.
+"""Figures: labelled heatmaps (matplotlib), and figures and images logged to every TensorBoard logger.
 
-Other loggers (CSV, W&B …) have no common image API; they are skipped, and scalars still reach them.
+The callbacks (`callbacks/`) log them during training; the study report (`study/report.py`) saves
+the same heatmaps as PNGs. Other loggers (CSV, W&B …) have no common image API; they are skipped,
+and scalars still reach them.
 """
 
 from __future__ import annotations
