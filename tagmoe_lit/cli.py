@@ -9,12 +9,22 @@ that takes a `schema` argument and has `schema` and `task_names` attributes work
 components (`model.backbone`, `model.backbone.moe`, `model.backbone.moe.router`,
 `model.tag_embedder`, `model.head`, `model.text_encoder`, `model.codec`, `model.timesteps`) are
 chosen by `class_path`; `--help` and `--print_config` list their arguments.
+
+Logs follow `trainer.default_root_dir`: a logger whose `save_dir` the config leaves unset (as
+`experiments/base.yaml`'s TensorBoard logger does) writes under `trainer.default_root_dir`, so an
+overlay, or `--trainer.default_root_dir X` alone, moves the logs with the run. This is done here,
+after all `--config` files and overrides are merged, because omegaconf interpolates within one file
+only (`${trainer.default_root_dir}` in base.yaml would keep base.yaml's value under an overlay).
 """
 
 from __future__ import annotations
 
+import sys
+
 import lightning as L
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import Namespace
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from tagmoe_lit.module import TagMoEModule
 
@@ -43,6 +53,23 @@ class TagMoECLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.init_args.schema", "model.schema")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """As LightningCLI's, and a logger's unset `save_dir` is filled before the config is validated
+        (`TensorBoardLogger` requires one): see `logs_follow_root_dir`."""
+        if args is not None and len(sys.argv) > 1:  # Lightning's own warning, kept
+            rank_zero_warn(
+                "LightningCLI's args parameter is intended to run from within Python like if it were from the command "
+                "line. To prevent mistakes it is not recommended to provide both args and command line arguments, got: "
+                f"sys.argv[1:]={sys.argv[1:]}, args={args}."
+            )
+        if isinstance(args, (dict, Namespace)):
+            config = parser.parse_object(args, _skip_validation=True)
+        else:
+            config = parser.parse_args(args, _skip_validation=True)
+        logs_follow_root_dir(config[config.subcommand] if config.get("subcommand") else config)
+        parser.validate(config)
+        self.config = config
+
     def after_fit(self) -> None:
         trainer = self.trainer
         log_dir = trainer.log_dir  # a collective call under DDP: every rank must ask
@@ -57,12 +84,26 @@ def main(args: list[str] | None = None) -> TagMoECLI:
     return TagMoECLI(args=args)
 
 
-class _ParseOnly(TagMoECLI):
+def logs_follow_root_dir(config: Namespace) -> None:
+    """Every logger of `config` (one subcommand's) whose `save_dir` is unset writes under
+    `trainer.default_root_dir` (the working directory when that is unset too, as Lightning's)."""
+    trainer = config.get("trainer") or Namespace()
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if isinstance(init, Namespace) and "save_dir" in init and init.save_dir is None:
+            init.save_dir = trainer.get("default_root_dir") or "."
+
+
+class ParseOnly(TagMoECLI):
+    """Parse and validate a config without building anything (a GPU Trainer cannot exist on CPU);
+    `cli.config` holds the result, `cli.parser.instantiate_classes(cli.config)` builds it."""
+
     def instantiate_classes(self) -> None:
         """Nothing is built: the config is only parsed and checked."""
 
 
 def resolved_config(args: list[str]) -> str:
     """The YAML of every option after composing `args` (configs and overrides), nothing instantiated."""
-    cli = _ParseOnly(args=args, run=False)
+    cli = ParseOnly(args=args, run=False)
     return cli.parser.dump(cli.config, skip_none=False)

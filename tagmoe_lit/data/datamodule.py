@@ -174,12 +174,16 @@ class SynthTAGDataModule(L.LightningDataModule):
     def _synth(self, seed: int, tasks: Sequence[str]) -> SynthTAG:
         return SynthTAG(image_size=self.image_size, seed=seed, tasks=tasks)
 
+    def train_synth(self) -> SynthTAG:
+        """The training samples' generator: what `train_dataloader` streams, before rank slicing."""
+        return self._synth(self.seed, self.train_tasks)
+
     def _loader(self, dataset, batch_size: int) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         start, rank, world = stream_position(self.trainer)
-        stream = SynthTAGStream(self._synth(self.seed, self.train_tasks), self.train_encode, self.batch_size, start, rank, world)
+        stream = SynthTAGStream(self.train_synth(), self.train_encode, self.batch_size, start, rank, world)
         return self._loader(stream, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
