@@ -2,7 +2,7 @@
 
 import torch
 
-from conftest import tiny_batch, tiny_module
+from helpers import tiny_batch, tiny_module
 
 
 def _grads(module, batch) -> dict[str, torch.Tensor]:

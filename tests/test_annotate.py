@@ -22,7 +22,7 @@ from tagmoe_lit.tags.annotators import (
     parse_answer,
 )
 from tagmoe_lit.tags.annotators.run import ManifestRowError, annotate_manifest
-from conftest import qwen_tokenizer_dir
+from helpers import qwen_tokenizer_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
 SYNTH = TagSchema.load("synthtag")

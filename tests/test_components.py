@@ -45,7 +45,7 @@ def test_text_features_do_not_depend_on_batch_mates_and_padding_is_masked():
     assert enc.dim == 384
     small = FrozenTextEncoder(cache_size=2)
     small(["a", "b"]), small(["a", "c"])  # "b" is least recently used
-    assert list(small._cache) == ["a", "c"]
+    assert small.cached_instructions() == ["a", "c"]
     torch.testing.assert_close(small(["b"])[0], enc(["b"])[0])
     with pytest.raises(ValueError, match="does not exist"):
         FrozenTextEncoder("/nonexistent/model")

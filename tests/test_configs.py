@@ -1,13 +1,14 @@
 """Every shipped YAML parses and trains 2 steps through the real CLI (litgpt's config-hub test).
 
-Convention: `experiments/base.yaml` stands alone; every other YAML is an overlay composed on top
-of it (`--config experiments/base.yaml --config <overlay>`), as the README shows, or on the chain
-its `# Use:` comment names (e.g. FSDP2 on top of FSDP), which the tests then use verbatim.
+Convention: each YAML opens with the question it answers and a `# Use:` line with its --config
+chain, which the tests use verbatim: `experiments/base.yaml` stands alone, an overlay goes on top of
+it (`--config experiments/base.yaml --config <overlay>`), and the full-size model goes with a
+strategy overlay (`model/qwen_image.yaml` + `strategy/fsdp.yaml` or `strategy/fsdp2.yaml`).
 
-GPU-only YAMLs (`trainer.accelerator: gpu`, DESIGN.md pitfall 15) are parsed, their model built on
-the meta device and their wrap class resolved on CPU; their 2-step run carries the `gpu` marker.
+GPU-only chains (`trainer.accelerator: gpu`, DESIGN.md pitfall 15) are parsed, their model built on
+the meta device and their strategy checked on CPU; their 2-step run carries the `gpu` marker.
 Their local folders are placeholders, replaced here by a tiny Qwen-Image release saved by
-diffusers (`test_pretrained.qwen_root`), and their manifest by the shipped tiny one.
+diffusers (conftest's `qwen_root`), and their manifest by the shipped tiny one.
 """
 
 import re
@@ -17,44 +18,38 @@ import pytest
 import torch
 import yaml
 
-from tagmoe_lit.cli import TagMoECLI
-from test_pretrained import pipeline, qwen_root  # noqa: F401  (fixtures: the tiny local Qwen-Image folder)
+from helpers import BASE, ROOT, smoke_args
+from tagmoe_lit.cli import ParseOnly, TagMoECLI
 
-ROOT = Path(__file__).resolve().parents[1]
-BASE = ROOT / "experiments" / "base.yaml"
 # The study's presets and budgets (experiments/study/*.yaml) are tested by test_study.py, which runs
 # the suite for 2 steps per run; its variant overlays (experiments/study/variants/) are plain overlays.
 CONFIGS = sorted(p for p in ROOT.glob("experiments/**/*.yaml") if p.parent != ROOT / "experiments" / "study")
 
 
-def smoke_args(tmp_path, steps: int = 2) -> list[str]:
-    """Shrink a run to seconds: small batches, no sanity pass, logs under tmp_path."""
-    return [
-        "--trainer.max_steps", str(steps),
-        "--trainer.num_sanity_val_steps", "0",
-        "--trainer.limit_val_batches", "1",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.logger.init_args.save_dir", str(tmp_path),
-        "--data.batch_size", "4",
-        "--data.val_samples", "4",
-    ]
+def use_chain(path: Path) -> list[str]:
+    """The --config files of a YAML's `# Use:` line, relative to the repository root."""
+    use = re.search(r"^# Use: (.*)$", path.read_text().replace("\\\n#", " "), re.M)  # "\\" continues a line
+    return re.findall(r"--config (\S+)", use.group(1)) if use else []
 
 
 def config_args(path: Path) -> list[str]:
-    """The --config chain of a YAML: the one its `# Use:` comment shows, else base.yaml + it."""
-    use = re.search(r"^# Use: (.*)$", path.read_text().replace("\\\n#", " "), re.M)  # "\\" continues a line
-    chain = re.findall(r"--config (\S+)", use.group(1)) if use else []
-    if chain:
-        assert chain[-1] == path.relative_to(ROOT).as_posix(), f"{path.name}: its Use line ends with {chain[-1]}"
-        return [arg for c in chain for arg in ("--config", str(ROOT / c))]
-    return ["--config", str(BASE)] + ([] if path == BASE else ["--config", str(path)])
+    """The --config chain of a YAML: the one its `# Use:` comment shows (which must name it)."""
+    chain = use_chain(path)
+    assert path.relative_to(ROOT).as_posix() in chain, f"{path.name}: its Use line {chain} does not name it"
+    return [arg for c in chain for arg in ("--config", str(ROOT / c))]
+
+
+def chain_value(path: Path, section: str, key: str):
+    """The value the last file of the chain that sets `section.key` gives it (None if none does)."""
+    value = None
+    for c in config_args(path)[1::2]:
+        part = (yaml.safe_load(Path(c).read_text()) or {}).get(section) or {}
+        value = part.get(key, value)
+    return value
 
 
 def gpu_only(path: Path) -> bool:
-    chain = config_args(path)[1::2]
-    return any((yaml.safe_load(Path(c).read_text()) or {}).get("trainer", {}).get("accelerator") == "gpu" for c in chain)
+    return chain_value(path, "trainer", "accelerator") == "gpu"
 
 
 GPU_CONFIGS = [p for p in CONFIGS if gpu_only(p)]
@@ -62,10 +57,9 @@ CPU_CONFIGS = [p for p in CONFIGS if p not in GPU_CONFIGS]
 
 
 def local_folders(path: Path, qwen_root: Path) -> list[str]:
-    """Point a GPU YAML's placeholder folders (and starting weights, where its chain sets them) and
+    """Point a GPU chain's placeholder folders (and starting weights, where the chain sets them) and
     manifest at the tiny local release and manifest."""
-    chain = config_args(path)[1::2]
-    weights = any(re.search(r"^  init_weights: /", Path(c).read_text(), re.M) for c in chain)
+    weights = chain_value(path, "model", "init_weights") is not None
     return [
         "--model.codec.init_args.pretrained_path", str(qwen_root),
         "--model.text_encoder.init_args.pretrained_path", str(qwen_root),
@@ -77,16 +71,48 @@ def local_folders(path: Path, qwen_root: Path) -> list[str]:
     ]
 
 
-class ParseOnly(TagMoECLI):
-    """Parse and validate a config without building the Trainer (a GPU Trainer cannot exist on CPU)."""
-
-    def instantiate_classes(self) -> None:
-        pass
-
-
 def test_every_config_is_found():
     names = {p.relative_to(ROOT / "experiments").as_posix() for p in CONFIGS}
-    assert {"base.yaml", "dense.yaml", "moe_agnostic.yaml"} <= names
+    assert {"base.yaml", "dense.yaml", "moe_agnostic.yaml", "model/qwen_image.yaml", "strategy/fsdp.yaml",
+            "strategy/fsdp2.yaml"} <= names
+    assert {"model/qwen_image.yaml", "strategy/fsdp.yaml", "strategy/fsdp2.yaml"} <= {
+        p.relative_to(ROOT / "experiments").as_posix() for p in GPU_CONFIGS}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.relative_to(ROOT).as_posix() for p in CONFIGS])
+def test_every_config_says_what_it_answers_and_how_to_use_it(path):
+    text = path.read_text()
+    assert text.startswith("# ") and "Question" in text.split("\n\n")[0], f"{path.name}: open with the question it answers"
+    chain = use_chain(path)
+    assert chain and chain[0] == "experiments/base.yaml", f"{path.name}: a `# Use:` chain starting from base.yaml"
+    assert all((ROOT / c).is_file() for c in chain), chain
+
+
+def test_only_base_yaml_configures_the_logger():
+    """Overlays set trainer.default_root_dir; the logger block (and its save_dir) is base.yaml's alone."""
+    configured = [p.relative_to(ROOT).as_posix() for p in ROOT.glob("experiments/**/*.yaml")
+                  if "logger" in ((yaml.safe_load(p.read_text()) or {}).get("trainer") or {})]
+    assert configured == ["experiments/base.yaml"]
+    assert "save_dir" not in yaml.safe_load(BASE.read_text())["trainer"]["logger"]["init_args"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.relative_to(ROOT).as_posix() for p in CONFIGS])
+def test_logs_follow_the_chains_root_dir(path, request):
+    local = local_folders(path, request.getfixturevalue("qwen_root")) if path in GPU_CONFIGS else []
+    cli = ParseOnly(args=[*config_args(path), *local], run=False)
+    trainer = cli.config.trainer
+    assert trainer.default_root_dir and trainer.logger.init_args.save_dir == trainer.default_root_dir
+
+
+def test_root_dir_alone_moves_the_logs_and_an_explicit_save_dir_wins(tmp_path):
+    dense = ["--config", str(BASE), "--config", str(ROOT / "experiments/dense.yaml")]
+    assert ParseOnly(args=dense, run=False).config.trainer.logger.init_args.save_dir == "runs/dense"
+    moved = ParseOnly(args=[*dense, "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert moved.config.trainer.logger.init_args.save_dir == str(tmp_path)
+    both = ParseOnly(args=[*dense, "--trainer.default_root_dir", "a", "--trainer.logger.init_args.save_dir", "b"], run=False)
+    assert both.config.trainer.logger.init_args.save_dir == "b"
+    cli = TagMoECLI(args=["fit", "--config", str(BASE), *smoke_args(tmp_path, steps=1), "--trainer.limit_val_batches", "0"])
+    assert Path(cli.trainer.log_dir) == tmp_path / "tensorboard" / "version_0"
 
 
 @pytest.mark.parametrize("path", CPU_CONFIGS, ids=[p.relative_to(ROOT).as_posix() for p in CPU_CONFIGS])
@@ -102,12 +128,15 @@ def test_variants_differ_from_base_only_in_config(tmp_path):
     for cli in (dense, agnostic):
         cli.model.configure_model()
     assert not dense.model.has_moe and dense.model.tag_embedder is None
-    assert agnostic.model.has_moe and agnostic.model.lambda_align == 0.0
+    assert agnostic.model.has_moe and agnostic.model.objective.lambda_align == 0.0
 
 
 @pytest.mark.parametrize("path", GPU_CONFIGS, ids=[p.relative_to(ROOT).as_posix() for p in GPU_CONFIGS])
-def test_gpu_config_builds_full_qwen_image_on_meta_and_resolves_its_wrap_class(path, qwen_root):
+def test_gpu_config_builds_full_qwen_image_on_meta_and_configures_its_strategy(path, qwen_root):
     from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from tagmoe_lit.distributed import FSDP2Strategy
 
     cli = ParseOnly(args=[*config_args(path), *local_folders(path, qwen_root)], run=False)
     init = cli.parser.instantiate_classes(cli.config)
@@ -122,12 +151,15 @@ def test_gpu_config_builds_full_qwen_image_on_meta_and_resolves_its_wrap_class(p
     layer = model.moe_layers[0]
     assert (layer.num_experts, layer.top_k, layer.experts.b1_EH) == (4, 1, None)
     assert tuple(model.backbone.transformer.pos_embed.axes_dim) == (16, 56, 56)
-    if hasattr(strategy, "kwargs"):  # FSDPStrategy: wraps and checkpoints by the block class
-        policies = (strategy.kwargs["auto_wrap_policy"], strategy._activation_checkpointing_kwargs["auto_wrap_policy"])
-        assert all(p._module_classes == {QwenImageTransformerBlock} for p in policies)
+    if isinstance(strategy, FSDPStrategy):  # FSDP1: Lightning wraps and checkpoints by the block class
+        policy = cli.config.trainer.strategy.init_args
+        assert policy.auto_wrap_policy == policy.activation_checkpointing_policy == {QwenImageTransformerBlock}
         assert isinstance(blocks[0], QwenImageTransformerBlock)
-    else:  # ModelParallelStrategy: configure_model's parallelize shards every block
-        assert model.activation_checkpointing and type(strategy).__name__ == "ModelParallelStrategy"
+        assert model.weights.path is None, "FSDP1 cannot load init_weights into its flat shards"
+    else:  # FSDP2: configure_model's parallelize checkpoints and shards every block, as the strategy says
+        assert isinstance(strategy, FSDP2Strategy)
+        assert strategy.fsdp2.activation_checkpointing and not strategy.fsdp2.hybrid_shard
+        assert model.weights.path == str(qwen_root)
 
 
 @pytest.mark.gpu

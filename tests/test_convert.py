@@ -22,7 +22,8 @@ from tagmoe_lit.align import SumTagEmbedder
 from tagmoe_lit.backbone import QwenImageBackbone
 from tagmoe_lit.convert import files, from_official, kit_tensors, load_transformer_dir, read_state_dict, to_official, transformer_from_dir
 from tagmoe_lit.convert.export import load_checkpoint
-from tagmoe_lit.module import CheckpointMismatchError, TagMoEModule
+from tagmoe_lit.identity import CheckpointMismatchError
+from tagmoe_lit.module import TagMoEModule
 from tagmoe_lit.moe import MoELayer
 
 E, LAYERS, MOE_BLOCKS, TAG_DIM = 4, 3, (1, 2), 64

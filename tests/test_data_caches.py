@@ -8,11 +8,11 @@ import torch
 from manifest_helpers import square_manifest
 from tagmoe_lit.__main__ import run
 from tagmoe_lit.backbone import FrozenTextEncoder, PixelCodec
-from tagmoe_lit.data import CachedCodec, CachedTextEncoder
-from tagmoe_lit.data.tensor_cache import TensorCache, tensor_key
+from tagmoe_lit.backbone import CachedCodec, CachedTextEncoder
+from tagmoe_lit.backbone.tensor_cache import TensorCache, tensor_key
 from tagmoe_lit.io import atomic_write_bytes, atomic_write_text, relative_path
 from tagmoe_lit.tags.annotators.answer_cache import folder_fingerprint
-from test_configs import BASE
+from helpers import BASE
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
 
@@ -99,10 +99,10 @@ def test_cache_command_fills_both_caches_from_a_fit_config(tmp_path):
     overlay.write_text(f"""
 model:
   text_encoder:
-    class_path: tagmoe_lit.data.CachedTextEncoder
+    class_path: tagmoe_lit.backbone.CachedTextEncoder
     init_args: {{cache_dir: {tmp_path / 'cache'}}}
   codec:
-    class_path: tagmoe_lit.data.CachedCodec
+    class_path: tagmoe_lit.backbone.CachedCodec
     init_args:
       cache_dir: {tmp_path / 'cache'}
       codec: {{class_path: tagmoe_lit.backbone.PixelCodec, init_args: {{patch: 4}}}}

@@ -15,7 +15,7 @@ def _indices(loader, n_batches: int) -> list[list[int]]:
 
 def test_stream_starts_at_the_restored_step_and_splits_ranks_without_overlap():
     dm = SynthTAGDataModule(batch_size=3)
-    synth = dm._synth(0, dm.train_tasks)
+    synth = dm.train_synth()
     full = _indices(DataLoader(SynthTAGStream(synth, dm.encode, 3), batch_size=3), 4)
     later = _indices(DataLoader(SynthTAGStream(synth, dm.encode, 3, start_batch=2), batch_size=3), 2)
     assert later == full[2:4]
@@ -26,7 +26,7 @@ def test_stream_starts_at_the_restored_step_and_splits_ranks_without_overlap():
 
 def test_worker_count_does_not_change_the_batches():
     dm = SynthTAGDataModule(batch_size=2)
-    synth = dm._synth(0, dm.train_tasks)
+    synth = dm.train_synth()
     single = _indices(DataLoader(SynthTAGStream(synth, dm.encode, 2), batch_size=2), 5)
     multi = _indices(DataLoader(SynthTAGStream(synth, dm.encode, 2), batch_size=2, num_workers=2), 5)
     assert single == multi

@@ -14,10 +14,6 @@ Process start-up costs ~15 s each (DESIGN.md pitfall 13), so these are `slow` (`
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -28,44 +24,9 @@ from tagmoe_lit.cli import TagMoECLI
 from tagmoe_lit.moe import RoutingStats, load_balancing_loss
 from tagmoe_lit.moe.losses import global_counts
 from tagmoe_lit.moe.stats import LayerRouting
-from tagmoe_lit.parallel import consolidate_checkpoint
-from test_configs import BASE, ROOT
+from helpers import FSDP2, PER_RANK, STEPS, assert_same_run, common, single, tiny_batch, tiny_module, torchrun
 
-STEPS, PER_RANK = 3, 4
-TINY_MODEL = [  # base.yaml scaled down: 2 blocks (both MoE) × width 32 on 16 px images
-    "--model.backbone.init_args.num_layers", "2",
-    "--model.backbone.init_args.num_attention_heads", "2",
-    "--model.backbone.init_args.attention_head_dim", "16",
-    "--model.backbone.init_args.axes_dims_rope", "[4, 6, 6]",
-    "--model.warmup_steps", "1",
-    "--data.image_size", "16",
-]
-TINY = [
-    *TINY_MODEL,
-    "--trainer.max_steps", str(STEPS),
-    "--trainer.num_sanity_val_steps", "0",
-    "--trainer.limit_val_batches", "0",
-    "--trainer.log_every_n_steps", "1",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
-]
-FSDP2 = ["--trainer.strategy", '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}',
-         "--model.activation_checkpointing", "true"]
 KNOCKOUT = ["--trainer.callbacks+=test_distributed.Knockout"]  # experts 1-3 of the first MoE layer idle
-
-
-class LossRecorder(L.Callback):
-    """Writes each rank's per-step training loss and batch size to `<dir>/losses_rank<r>.json`."""
-
-    def __init__(self, dir: str):
-        self.dir, self.rows = Path(dir), []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.rows.append({"step": trainer.global_step, "loss": outputs["loss"].item(), "batch": len(batch["index"])})
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / f"losses_rank{trainer.global_rank}.json").write_text(json.dumps(self.rows))
 
 
 class Knockout(L.Callback):
@@ -73,54 +34,6 @@ class Knockout(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         pl_module.moe_layers[0].knockout((1, 2, 3))
-
-
-def common(tmp: Path, batch: int) -> list[str]:
-    return ["--config", str(BASE), *TINY, "--data.batch_size", str(batch),
-            "--trainer.default_root_dir", str(tmp), "--trainer.logger.init_args.save_dir", str(tmp),
-            "--trainer.callbacks+=test_distributed.LossRecorder", "--trainer.callbacks.dir", str(tmp / "losses")]
-
-
-def single(tmp: Path, *extra: str) -> TagMoECLI:
-    """One process, both ranks' samples in one batch."""
-    return TagMoECLI(args=["fit", *common(tmp, 2 * PER_RANK), *extra])
-
-
-def torchrun(tmp: Path, *extra: str) -> float:
-    """Two processes via torchrun; returns the wall time in seconds."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "tagmoe_lit", "fit", *common(tmp, PER_RANK), "--trainer.devices", "2", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
-    start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return time.perf_counter() - start
-
-
-def losses(tmp: Path, ranks: int) -> list[float]:
-    """Per-step loss averaged over ranks (equal batch sizes: the global batch's mean)."""
-    per_rank = [json.loads((tmp / "losses" / f"losses_rank{r}.json").read_text()) for r in range(ranks)]
-    assert all(len(rows) == STEPS and {row["batch"] for row in rows} == {2 * PER_RANK // ranks} for rows in per_rank)
-    return [sum(rows[i]["loss"] for rows in per_rank) / ranks for i in range(STEPS)]
-
-
-def last_weights(tmp: Path) -> dict[str, torch.Tensor]:
-    path = next(tmp.glob("**/checkpoints/last.ckpt"))
-    if path.is_dir():
-        path = consolidate_checkpoint(path, tmp / "consolidated.ckpt")
-    return torch.load(path, weights_only=True, map_location="cpu")["state_dict"]
-
-
-def assert_same_run(one: Path, two: Path) -> float:
-    """Same per-step losses (1e-5) and final weights; returns the largest loss difference."""
-    a, b = losses(one, 1), losses(two, 2)
-    diff = max(abs(x - y) for x, y in zip(a, b))
-    assert diff < 1e-5, f"single {a} vs two ranks {b}"
-    wa, wb = last_weights(one), last_weights(two)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=1e-4, msg=lambda m: f"{k}: {m}")
-    return diff
 
 
 def _balance_worker(rank: int, store_path: str, out_path: str) -> None:
@@ -177,8 +90,6 @@ def test_meta_init_allocates_nothing_and_trains_after_per_module_materialization
     """As FSDP1 materializes (each module `to_empty(recurse=False)`, which never reaches the backbone
     wrapper's own RoPE repair): the module rebuilds the RoPE tables at its first forward (pitfall 17)
     and zeroes the expert counts when training starts."""
-    from conftest import tiny_batch, tiny_module
-
     module = tiny_module(meta_init=True)
     parts = [module.backbone, module.tag_embedder, module.head]
     assert all(p.is_meta for part in parts for p in part.parameters())

@@ -3,7 +3,7 @@
 A meta-device build is materialized where the strategy puts it, with every module's declared init
 (`parallel.materialize_`), and `init_weights` fills it at the first loop start from a dense diffusers
 Qwen-Image folder (experts upcycled from the FFNs) or a `convert export` directory. Each run here goes
-through the real CLI on the tiny model of `test_distributed` and is compared with an eager build:
+through the real CLI on the tiny model of `helpers.common` and is compared with an eager build:
 the pretrained backbone (`backbone.pretrained_path`) or the exported module itself.
 """
 
@@ -19,12 +19,12 @@ from diffusers.models.normalization import RMSNorm
 from safetensors.torch import save_file
 from torch import nn
 
-from conftest import tiny_batch, tiny_module
 from tagmoe_lit.cli import TagMoECLI
 from tagmoe_lit.convert.export import export
-from tagmoe_lit.module import CheckpointMismatchError, TagMoEModule
-from tagmoe_lit.parallel import uninitializable
-from test_distributed import FSDP2, assert_same_run, common, last_weights, single, torchrun
+from tagmoe_lit.identity import CheckpointMismatchError
+from tagmoe_lit.module import TagMoEModule
+from tagmoe_lit.distributed import uninitializable
+from helpers import FSDP2, assert_same_run, common, last_weights, single, tiny_batch, tiny_module, torchrun
 
 META = ["--model.meta_init", "true"]
 NOISE = ["--model.backbone.init_args.upcycle_noise", "0.05"]  # upcycling draws must follow the backbone's seed too
@@ -38,7 +38,7 @@ class StartState(L.Callback):
             self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
             self.rms_weights = [m.weight.detach().clone() for m in pl_module.modules() if isinstance(m, RMSNorm)]
             self.gate_stds = [layer.router.gate.weight.std().item() for layer in pl_module.moe_layers]
-            self.counts = [layer.pending_counts_E.clone() for layer in pl_module.moe_layers]
+            self.counts = [layer.counts.step_total() for layer in pl_module.moe_layers]
 
 
 def cli(subcommand: str, tmp: Path, *extra: str) -> TagMoECLI:
@@ -134,13 +134,17 @@ def test_ckpt_path_wins_over_init_weights(kit, tmp_path):
 
 def test_meta_init_from_scratch_starts_like_an_eager_build(tmp_path):
     """Every tensor is initialized as the constructors would: RMSNorm weights 1, zero expert counts,
-    the routers' normal(0, 0.02) gate (a parent's init after its child's), and the loss is finite."""
+    the routers' normal(0, 0.02) gate (a parent's init after its child's), experts tied as the eager
+    surgery leaves them (one init path, `MoELayer.reset_parameters`), and the loss is finite."""
     run = cli("fit", tmp_path, *META, "--trainer.max_steps", "1", "--trainer.callbacks+=test_init_weights.StartState")
     start = callback(run, StartState)
     assert all(torch.isfinite(v).all() for v in start.state.values() if v.is_floating_point())
     assert start.rms_weights and all(torch.equal(w, torch.ones_like(w)) for w in start.rms_weights)
     assert all(0.01 < std < 0.03 for std in start.gate_stds), start.gate_stds  # nn.Linear's own init gives ~0.1
     assert all(not c.any() for c in start.counts)
+    experts = [v for k, v in start.state.items() if k.endswith(("experts.w1_EDH", "experts.w2_EHD"))]
+    assert experts and all(torch.equal(w[e], w[0]) for w in experts for e in range(1, len(w))), \
+        "experts must start as tied copies of one FFN, as the eager surgery starts them"
     assert torch.isfinite(run.trainer.callback_metrics["train/loss"])
     assert not run.model.backbone.transformer.pos_embed.pos_freqs.is_meta
 
@@ -152,17 +156,15 @@ def test_bad_init_weights_are_refused_in_one_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         module.load_init_weights()
     (tmp_path / "empty").mkdir()
-    module.init_weights = str(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="No weights in"):
-        module.load_init_weights()
+        tiny_module(init_weights=str(tmp_path / "empty")).load_init_weights()
     # one more block, another text width and a key left out: all three kinds in one error
     other = QwenImageTransformer2DModel.from_config({**module.backbone.transformer.config, "num_layers": 3, "joint_attention_dim": 48})
     (tmp_path / "other").mkdir()
     save_file({k: v for k, v in other.state_dict().items() if k != "norm_out.linear.weight"}, tmp_path / "other" / "model.safetensors")
-    module.init_weights = str(tmp_path / "other")
     with pytest.raises(CheckpointMismatchError, match=r"transformer: missing norm_out\.linear\.weight; transformer: unexpected "
                        r"transformer_blocks\.2\..*; transformer: wrong shape txt_in\.weight \[32, 48\] vs model \[32, 384\]"):
-        module.load_init_weights()
+        tiny_module(init_weights=str(tmp_path / "other")).load_init_weights()
 
 
 def test_kit_directory_of_another_model_or_a_meta_model_is_refused(kit):
@@ -175,17 +177,25 @@ def test_kit_directory_of_another_model_or_a_meta_model_is_refused(kit):
 
 
 def test_meta_init_refuses_what_it_would_silently_drop(kit, tmp_path):
-    """A backbone pretrained_path a meta build cannot read, bnb quantization of blocks that do not exist
-    yet, and loading a directory into meta tensors (a no-op in torch) each stop with one sentence."""
+    """A backbone pretrained_path a meta build cannot read, upcycling noise for FFNs it does not have, bnb
+    quantization of blocks that do not exist yet, and loading a directory into meta tensors (a no-op in
+    torch) each stop with one sentence."""
     from functools import partial
 
     from tagmoe_lit.backbone import QwenImageBackbone
-    from tagmoe_lit.convert.files import load_transformer_dir
+    from tagmoe_lit.convert import load_transformer_dir
+    from tagmoe_lit.moe import MoELayer
 
-    module = tiny_module(meta_init=True)
-    module.backbone_factory = partial(QwenImageBackbone, pretrained_path=str(tmp_path))
+    release = tmp_path / "release"
+    tiny_module().backbone.transformer.save_config(release)  # a meta build reads only the config
+    moe = {"moe": partial(MoELayer, num_experts=4), "moe_blocks": 2}
+    module = TagMoEModule(backbone=partial(QwenImageBackbone, pretrained_path=str(release), **moe), meta_init=True)
     with pytest.raises(ValueError, match=r"pretrained_path .* would be ignored; set model.init_weights to the same folder"):
-        module.setup("fit")
+        module.configure_model()
+    sizes = {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 16, "axes_dims_rope": (4, 6, 6)}
+    noisy = TagMoEModule(backbone=partial(QwenImageBackbone, upcycle_noise=0.05, **sizes, **moe), meta_init=True)
+    with pytest.raises(ValueError, match=r"upcycle_noise / upcycle_reinit would be ignored; set model.init_weights"):
+        noisy.configure_model()
     with pytest.raises(ValueError, match="meta_init cannot quantize frozen backbone blocks"):
         tiny_module(meta_init=True, quantize_frozen="int8", trainable="moe_tail")
     meta = tiny_module(meta_init=True)  # built without a trainer: stays on meta

@@ -2,8 +2,7 @@
 
 import pytest
 
-from test_configs import BASE
-from test_fit import scalars
+from helpers import BASE, scalars
 from tagmoe_lit.cli import TagMoECLI
 
 

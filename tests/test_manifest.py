@@ -17,7 +17,7 @@ from tagmoe_lit.data import ManifestDataModule, ManifestError, SynthTAGDataModul
 from tagmoe_lit.data.bucket_sampler import BucketSchedule
 from tagmoe_lit.data.buckets import aspect_buckets, fit_to_bucket, nearest_bucket
 from tagmoe_lit.data.manifest_datamodule import ManifestStream
-from test_configs import BASE, smoke_args
+from helpers import BASE, smoke_args
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
 

@@ -12,9 +12,9 @@ from torch import nn
 
 from tagmoe_lit.cli import TagMoECLI
 from tagmoe_lit.module import TagMoEModule
+from tagmoe_lit.optim import WarmupCosine, build_optimizer
 from tagmoe_lit.quantize import quantize_linears
-from test_configs import BASE, smoke_args
-from test_distributed import TINY_MODEL
+from helpers import BASE, TINY_MODEL, smoke_args
 
 BNB_LINEARS = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
 
@@ -30,19 +30,32 @@ def callback(cli: TagMoECLI, kind: type) -> L.Callback:
 
 
 @pytest.mark.parametrize("name", ["torch.optim.AdamW", "bitsandbytes.optim.AdamW8bit", "bitsandbytes.optim.PagedAdamW8bit"])
-def test_optimizer_is_chosen_by_import_path_and_8bit_states_are_bytes(name, tmp_path):
-    """bitsandbytes keeps 8-bit states for tensors of ≥ 4096 elements; paged ones run unpaged on CPU."""
+def test_optimizer_is_chosen_by_class_path_and_8bit_states_are_bytes(name, tmp_path):
+    """bitsandbytes keeps 8-bit states for tensors of ≥ 4096 elements; paged ones run unpaged on CPU.
+    A class swap keeps base.yaml's lr, betas and weight decay (same-named init_args)."""
     cli = fit(tmp_path, "--model.optimizer", name)
     opt = cli.trainer.optimizers[0]
     assert f"{type(opt).__module__}.{type(opt).__name__}".endswith(name.rsplit(".", 1)[1]) and cli.trainer.global_step == 2
+    assert opt.defaults["betas"] == (0.9, 0.99) and opt.defaults["weight_decay"] == 0.0
     big = next(p for p in cli.model.parameters() if p.requires_grad and p.numel() >= 4096)
     state_dtype = (opt.state[big]["state1"] if "8bit" in name else opt.state[big]["exp_avg"]).dtype
     assert state_dtype == (torch.uint8 if "8bit" in name else torch.float32)
 
 
-def test_unknown_optimizer_or_option_values_are_refused_in_one_sentence():
-    with pytest.raises(ValueError, match=r"model.optimizer 'torch.optim.Adamw' is not an importable optimizer class"):
-        TagMoEModule(optimizer="torch.optim.Adamw")
+def test_any_optimizer_takes_only_its_own_arguments(tmp_path):
+    """SGD has no betas: it gets lr and weight decay from base.yaml and its own momentum, and trains."""
+    cli = fit(tmp_path, "--model.optimizer", "torch.optim.SGD", "--model.optimizer.init_args.momentum", "0.9")
+    opt = cli.trainer.optimizers[0]
+    assert type(opt) is torch.optim.SGD and opt.defaults["momentum"] == 0.9 and "betas" not in opt.defaults
+    assert opt.param_groups[0]["initial_lr"] == 3e-3 and cli.trainer.global_step == 2
+
+
+def test_unknown_optimizer_or_option_values_are_refused_in_one_sentence(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        fit(tmp_path, "--model.optimizer", "torch.optim.Adamw")
+    assert exit_.value.code != 0 and "torch.optim.Adamw" in capsys.readouterr().err
+    with pytest.raises(TypeError, match=r"model.optimizer built a object, not a torch.optim.Optimizer; give the class_path"):
+        build_optimizer(lambda params: object(), [], WarmupCosine())
     with pytest.raises(ValueError, match=r"trainable='moe' is unknown.*quantize_frozen='int4' is unknown"):
         TagMoEModule(trainable="moe", quantize_frozen="int4")
 
@@ -105,7 +118,7 @@ class CountsAtStep(L.Callback):
     """Expert counts of the step, read before the module consumes them (callback hooks run first)."""
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.counts = [layer.pending_counts_E.sum().item() for layer in pl_module.moe_layers]
+        self.counts = [layer.counts.step_total().sum().item() for layer in pl_module.moe_layers]
 
 
 def test_activation_checkpointing_counts_each_token_once(tmp_path):

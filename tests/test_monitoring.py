@@ -14,8 +14,7 @@ from tagmoe_lit.cli import TagMoECLI
 from tagmoe_lit.data.synthtag import TASKS, SynthTAG
 from tagmoe_lit.__main__ import run as run_kit
 from tagmoe_lit.knockout import knockout
-from conftest import tiny_module
-from test_configs import BASE, smoke_args
+from helpers import BASE, smoke_args, tiny_module
 
 MONITORS = """
 trainer:
@@ -76,12 +75,11 @@ def test_tensorboard_shows_loads_heatmaps_specialization_and_sample_grids(traine
 
 def test_dead_and_collapsed_experts_are_warned_once_after_patience():
     monitor = ExpertLoadMonitor(min_share=0.05, max_share=0.9, patience=2)
-    trainer = SimpleNamespace(global_step=7)
     skewed = torch.tensor([[0.95, 0.03, 0.01, 0.01]])
-    monitor._check_health(trainer, skewed)  # first check: within patience, silent
+    monitor.check_health(skewed, step=7)  # first check: within patience, silent
     with pytest.warns(UserWarning) as caught:
-        monitor._check_health(trainer, skewed)
-        monitor._check_health(trainer, skewed)  # already warned: no repeat
+        monitor.check_health(skewed, step=8)
+        monitor.check_health(skewed, step=9)  # already warned: no repeat
     messages = [str(w.message) for w in caught]
     assert len(messages) == 4  # 3 dead experts + 1 collapse
     assert any("expert 0: load share over 90% for 2 checks" in m and "collapse" in m for m in messages)

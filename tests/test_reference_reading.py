@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from tagmoe_lit.cli import TagMoECLI
-from test_configs import BASE, smoke_args
+from helpers import BASE, smoke_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from reference_reading import reference_reading  # noqa: E402

