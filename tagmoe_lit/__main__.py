@@ -24,11 +24,18 @@ A new command is one entry in `COMMANDS` plus one line in the README's "Commands
 (`tests/test_commands.py` checks that the two agree and that every command answers `--help`).
 Without a command, or with `-h` / `--help`, the table is printed; an unknown command prints the
 table and exits with status 2, as argparse does for a usage error.
+
+An error the user can fix (a missing or corrupt file, a checkpoint of another model, a bad schema or
+manifest, YAML that does not parse: `tagmoe_lit.errors.user_message`) ends the command with one
+line on stderr, `error: <file>: <what is wrong>; <what to do>.`, and exit status 1; any other
+exception is a bug and keeps its traceback. `TAGMOE_TRACEBACK=1` shows the traceback for both.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 import warnings
 from importlib import import_module
 from typing import Any, Callable
@@ -101,9 +108,32 @@ def run(argv: list[str] | None = None) -> Any:
     return load()(rest)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`run(argv)` with the kit's one error path: the exit status, and one line for a user's mistake."""
+    try:
+        run(argv)
+    except SystemExit as e:  # help, usage errors: argparse's status (None and 0 both mean success)
+        if isinstance(e.code, int) or e.code is None:
+            return e.code or 0
+        print(e.code, file=sys.stderr)  # `sys.exit("message")`, as the interpreter would
+        return 1
+    except Exception as e:  # noqa: BLE001 - sorted into the user's mistakes and bugs below
+        from tagmoe_lit.errors import user_message
+
+        message = user_message(e)
+        if message is None or os.environ.get("TAGMOE_TRACEBACK"):
+            traceback.print_exc()
+        if message is None:
+            return 1
+        sys.stderr.flush()
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
     try:
-        run()
+        status = main()
     finally:
         # gloo/NCCL threads that outlive a process group nobody destroyed can abort the interpreter at
         # exit ("terminate called without an active exception") after a run that succeeded. A command
@@ -111,3 +141,4 @@ if __name__ == "__main__":
         dist = sys.modules.get("torch.distributed")
         if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    raise SystemExit(status)

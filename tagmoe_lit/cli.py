@@ -15,6 +15,13 @@ Logs follow `trainer.default_root_dir`: a logger whose `save_dir` the config lea
 overlay, or `--trainer.default_root_dir X` alone, moves the logs with the run. This is done here,
 after all `--config` files and overrides are merged, because omegaconf interpolates within one file
 only (`${trainer.default_root_dir}` in base.yaml would keep base.yaml's value under an overlay).
+
+Bad input fails before anything is built or written, in one sentence naming the file or option
+(`tagmoe_lit/errors.py`): every `--config` file must parse, `--ckpt_path` must be a readable
+tagmoe_lit checkpoint, `trainer.default_root_dir` must be writable, and a bad option ends in one
+line naming it instead of the full usage. A run that fails before its first batch removes the
+directories it created (`tagmoe_lit/failed_run.py`); a checkpoint refused for another model is
+reported with its path.
 """
 
 from __future__ import annotations
@@ -26,7 +33,12 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
+from tagmoe_lit.errors import check_checkpoint_file, check_config_files, check_output_dir, parse_error_summary
+from tagmoe_lit.failed_run import FirstBatch, not_yet_there, remove_created
+from tagmoe_lit.identity import CheckpointMismatchError
 from tagmoe_lit.module import TagMoEModule
+
+RUN_COMMANDS = ("fit", "validate", "test", "predict")
 
 DEFAULT_DATA = "tagmoe_lit.data.SynthTAGDataModule"
 DATA_HELP = (
@@ -36,9 +48,21 @@ DATA_HELP = (
 )
 
 
+class KitArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser whose usage errors end in one line naming the option, not 70 lines of usage."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # jsonargparse catches these itself
+            return super().error(message, ex)
+        command = next((w for w in reversed(self.prog.split()) if w in RUN_COMMANDS), "")
+        sys.stderr.write(f"{message.rstrip()}\nerror: {parse_error_summary(message, command)}\n")
+        raise SystemExit(2)
+
+
 class TagMoECLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
+        kwargs.setdefault("parser_class", KitArgumentParser)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(TagMoEModule, L.LightningDataModule, *args, subclass_mode_data=True, **kwargs)
 
@@ -65,17 +89,42 @@ class TagMoECLI(LightningCLI):
         if isinstance(args, (dict, Namespace)):
             config = parser.parse_object(args, _skip_validation=True)
         else:
+            check_config_files(list(sys.argv[1:] if args is None else args))
             config = parser.parse_args(args, _skip_validation=True)
-        logs_follow_root_dir(config[config.subcommand] if config.get("subcommand") else config)
+        chosen = config[config.subcommand] if config.get("subcommand") else config
+        logs_follow_root_dir(chosen)
         parser.validate(config)
+        if config.get("subcommand") in RUN_COMMANDS:
+            check_output_dir((chosen.get("trainer") or Namespace()).get("default_root_dir"))
+            check_checkpoint_file(chosen.get("ckpt_path"))
         self.config = config
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """As LightningCLI's; a run that fails before its first batch removes the directories it created,
+        and a checkpoint refused for another model is named."""
+        trainer, first = self.trainer, FirstBatch()
+        created = not_yet_there(trainer)
+        trainer.callbacks.append(first)
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException as e:
+            if not first.started and trainer.is_global_zero:
+                remove_created(created)
+            ckpt = self._prepare_subcommand_kwargs(subcommand).get("ckpt_path")
+            if isinstance(e, CheckpointMismatchError) and ckpt:
+                raise CheckpointMismatchError(f"{ckpt}: {e}") from None
+            raise
+        finally:
+            if first in trainer.callbacks:
+                trainer.callbacks.remove(first)
 
     def after_fit(self) -> None:
         trainer = self.trainer
         log_dir = trainer.log_dir  # a collective call under DDP: every rank must ask
         if trainer.is_global_zero:
             ckpt = trainer.checkpoint_callback.best_model_path or trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
-            print(f"\nTensorBoard: tensorboard --logdir {log_dir}")
+            if trainer.loggers:
+                print(f"\nTensorBoard: tensorboard --logdir {log_dir}")
             if ckpt:
                 print(f"Checkpoint:  {ckpt}")
 

@@ -132,7 +132,8 @@ class TagSchema:
             problems.append(f"ids must be 0..{len(seen_id) - 1} without gaps; missing {missing}")
         problems += self._rule_problems(seen_name)
         if problems:
-            raise TagSchemaError(f"Tag schema {self.source}: " + "; ".join(problems) + ".")
+            raise TagSchemaError(f"Tag schema {self.source}: " + "; ".join(problems)
+                                 + "; fix the schema (every level non-empty, each tag one unique id, ids 0..N-1 without gaps).")
 
     def _rule_problems(self, known: Mapping[str, str]) -> list[str]:
         problems = []
