@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow --durations=0
 
 # The ablation study (docs/results.md): resumable, rerun to continue; PRESET=gpu on a CUDA machine.
 study: $(STAMP)
