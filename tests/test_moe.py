@@ -97,6 +97,17 @@ def test_grouped_backend_in_bf16_matches_the_loop():
     torch.testing.assert_close(fast(x).float(), oracle(x).float(), rtol=2e-2, atol=2e-2)
 
 
+def test_grouped_experts_compute_in_the_autocast_dtype_from_fp32_tokens():
+    """Under autocast the FFN's tokens can arrive in fp32 (CUDA: out of a norm) while `_grouped_mm`, on no
+    autocast list, takes bf16 on CUDA: the grouped experts cast as autocast would, and match fp32 closely."""
+    experts = StackedExperts(4, 16, 32)
+    x_MD, counts_E = torch.randn(24, 16), torch.tensor([10, 0, 6, 8])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts.forward_grouped(x_MD, counts_E)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), experts.forward_grouped(x_MD, counts_E), rtol=3e-2, atol=3e-2)
+
+
 def test_no_token_dropped_under_skewed_router_and_idle_experts_get_gradients():
     fast, oracle = _pair(1)
     _skew_(fast), _skew_(oracle)

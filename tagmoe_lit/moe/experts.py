@@ -84,10 +84,16 @@ class StackedExperts(nn.Module):
         """Tokens already sorted by expert: two grouped GEMMs over all experts at once.
 
         `torch._grouped_mm` needs row strides that are multiples of 16 bytes (dim and hidden
-        multiples of 4 in fp32, 8 in bf16) and int32 offsets.
+        multiples of 4 in fp32, 8 in bf16) and int32 offsets. It is on no autocast list, and under
+        CUDA autocast the tokens reaching the FFN are fp32 (they come out of a norm), while its CUDA
+        kernel takes bf16 (found under fake CUDA tensors, docs/plan_spike.md): so inside autocast
+        the tokens and weights are cast to the autocast dtype here, as autocast would for a matmul.
         """
         offs_E = counts_E.cumsum(0).to(torch.int32)
-        w1, w2 = self.w1_EDH.to(x_MD.dtype), self.w2_EHD.to(x_MD.dtype)
+        kind = x_MD.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x_MD.dtype
+        x_MD = x_MD.to(dtype)
+        w1, w2 = self.w1_EDH.to(dtype), self.w2_EHD.to(dtype)
         h_MH = torch._grouped_mm(x_MD.contiguous(), w1, offs=offs_E)
         if self.b1_EH is not None:
             h_MH = h_MH + self.b1_EH.to(h_MH.dtype).repeat_interleave(counts_E, dim=0, output_size=x_MD.shape[0])
