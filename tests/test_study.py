@@ -10,6 +10,7 @@ import torch
 
 from tagmoe_lit.metrics.report import TaskReport
 from tagmoe_lit.study import Preset, PresetError, paired
+from tagmoe_lit.study.paired import t_quantile_975
 from tagmoe_lit.study.report import write_report
 from tagmoe_lit.study.runner import main as study
 from tagmoe_lit.study.runs import RunKey, fingerprint, load_done, run_dir
@@ -40,6 +41,63 @@ def test_paired_difference_of_noise_around_zero_is_not_significant():
     b = {0: samples([0.0, 0.0, 0.0, 0.0])}
     p = paired(a, b, "success")
     assert p.mean == pytest.approx(0.0, abs=1e-12) and not p.significant
+
+
+@pytest.mark.parametrize("df, t", [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042), (60, 2.000), (120, 1.980), (10**6, 1.960)])
+def test_t_quantile_matches_published_values(df, t):
+    assert t_quantile_975(df) == pytest.approx(t, abs=5e-4)
+
+
+def test_t_quantile_needs_a_degree_of_freedom():
+    with pytest.raises(ValueError, match="at least two seeds"):
+        t_quantile_975(0)
+
+
+def seeds_of(means, jitter=(0.01, -0.01), k=20):
+    """a and b per seed: b = 0, a = the seed's mean difference ± a small jitter (k samples, ids shared)."""
+    a = {s: samples([m + jitter[i % 2] for i in range(k)]) for s, m in enumerate(means)}
+    b = {s: samples([0.0] * k) for s in range(len(means))}
+    return a, b
+
+
+def test_seeds_that_disagree_cannot_be_told_apart_though_the_pooled_samples_can():
+    """The case of issue 16: tight differences within each seed, seeds of different sign."""
+    a, b = seeds_of([0.3, -0.1, 0.4])
+    p = paired(a, b, "success")
+    assert p.significant and p.low > 0 and not p.seeds_agree  # 60 pooled samples: the test-sample interval excludes 0
+    # by hand: mean 0.2, sd √(((0.1)² + (0.3)² + (0.2)²) / 2) = √0.07, t(0.975, 2) = 4.3027
+    half = 4.302653 * math.sqrt(0.07) / math.sqrt(3)
+    assert p.seeds == (0, 1, 2) and p.seed_mean == pytest.approx(0.2)
+    assert p.seed_interval == pytest.approx((0.2 - half, 0.2 + half))
+    assert p.seed_interval[0] < 0 < p.seed_interval[1]
+    assert p.verdict(higher_better=True) == p.verdict(higher_better=False) == "cannot tell apart"
+
+
+def test_seeds_that_agree_give_a_verdict_in_the_metric_direction():
+    a, b = seeds_of([0.3, 0.25, 0.35])
+    p = paired(a, b, "success")
+    # by hand: mean 0.3, sd 0.05, t(0.975, 2) = 4.3027 → 0.3 ± 0.1242
+    half = 4.302653 * 0.05 / math.sqrt(3)
+    assert p.seed_interval == pytest.approx((0.3 - half, 0.3 + half)) and p.seed_interval[0] > 0
+    assert p.verdict(higher_better=True) == "better" and p.verdict(higher_better=False) == "worse"
+    q = paired(b, a, "success")  # the other way round
+    assert q.seed_mean == pytest.approx(-0.3)
+    assert q.verdict(higher_better=True) == "worse" and q.verdict(higher_better=False) == "better"
+
+
+def test_one_seed_gives_no_interval_and_no_verdict():
+    a, b = seeds_of([0.3])
+    p = paired(a, b, "success")
+    assert p.significant  # the pooled samples exclude 0 …
+    assert p.n_seeds == 1 and p.seed_interval is None and p.verdict(higher_better=True) == "cannot tell apart"  # … the method is untested
+
+
+def test_seed_without_shared_finite_samples_drops_out_and_seeds_weigh_the_same():
+    a = {0: samples([1.0, 1.0, 1.0]), 1: samples([math.nan]), 2: samples([3.0])}
+    b = {0: samples([0.0, 0.0, 0.0]), 1: samples([0.0]), 2: samples([0.0])}
+    p = paired(a, b, "success")
+    assert p.seeds == (0, 2) and p.seed_means == pytest.approx((1.0, 3.0))
+    assert p.seed_mean == pytest.approx(2.0) and p.mean == pytest.approx(6 / 4)  # seed level: 1 seed, 1 vote; pooled: by sample
 
 
 @pytest.mark.parametrize("text, message", [
@@ -115,9 +173,20 @@ def test_report_is_written_from_finished_run_folders_only(tmp_path, monkeypatch)
     # seed mean ± std of each run's mean: success (all), (local = recolor), (global = stylize), psnr_preserved, psnr_edit, flow_fixed
     assert "| dense | 2 | 0.375 ± 0.177 | 0.750 ± 0.354 | 0.000 ± 0.000 | 30.000 ± 0.000 | 20.000 ± 0.000 | 0.200 ± 0.000 | – | 1.0 |" in text
     assert "| tagmoe | 2 | 0.750 ± 0.000 | 1.000 ± 0.000 | 0.500 ± 0.000 | 30.000 ± 0.000 | 20.000 ± 0.000 | 0.100 ± 0.000 | 1.00 (" in text
-    # per-sample differences pooled over both seeds: [1, 0, 1, 0] and [0, 0, 0, 1]
-    assert "| success | +0.3750 ± 0.1830 **better** | +0.2500 ± 0.2500 | +0.5000 ± 0.2887 |" in text
-    assert "| flow_fixed | -0.1000 ± 0.0000 **better** |" in text
+    # success differences per sample: seed 0 [1, 0, 1, 0], seed 1 [0, 0, 0, 1] (recolor, recolor, stylize, stylize).
+    # Seed level, t(0.975, 1) = 12.7062: all: seed means 0.5, 0.25 → 0.375 ± 12.7062 · 0.1768 / √2 = ± 1.5883;
+    # local: 0.5, 0 → 0.25 ± 12.7062 · 0.3536 / √2 = ± 3.1766; global: 0.5, 0.5 → sd 0, a zero-width interval.
+    assert ("| success | +0.3750 [-1.2133, +1.9633] (2 seeds) cannot tell apart | +0.2500 [-2.9266, +3.4266] (2 seeds) "
+            "cannot tell apart | +0.5000 [+0.5000, +0.5000] (2 seeds) **better** |") in text
+    assert "| flow_fixed | -0.1000 [-0.1000, -0.1000] (2 seeds) **better** |" in text  # −0.1 on every sample of both seeds
+    assert "| psnr_edit | +0.0000 [+0.0000, +0.0000] (2 seeds) cannot tell apart |" in text
+    # per seed, then the 8 (4) pooled samples' mean ± SE: the pooled "all" interval 0.375 ± 1.96 · 0.1830 excludes 0,
+    # the seed-level one does not (issue 16)
+    assert "| metric | tasks | seed 0 | seed 1 | test-sample noise: per-sample mean ± SE (samples) |" in text
+    assert "| success | all | +0.5000 | +0.2500 | +0.3750 ± 0.1830 (8) |" in text
+    assert "| success | local | +0.5000 | +0.0000 | +0.2500 ± 0.2500 (4) |" in text
+    assert "| success | global | +0.5000 | +0.5000 | +0.5000 ± 0.2887 (4) |" in text
+    assert "| flow_fixed | all | -0.1000 | -0.1000 | -0.1000 ± 0.0000 (8) |" in text
     assert "| recolor | 0.750 ± 0.354 | 1.000 ± 0.000 |" in text and "| stylize | 0.000 ± 0.000 | 0.500 ± 0.000 |" in text
     assert "| recolor | 1.000 | -0.750 |" in text and "| stylize | 0.500 | – |" in text  # knockout of tagmoe seed 0
     assert "No held-out run finished." in text
@@ -152,6 +221,7 @@ def test_cpu_suite_runs_two_steps_per_run_and_resumes(tmp_path, capsys, monkeypa
     for heading in ("#### tagmoe − dense", "#### Edit success per task", "#### Expert knockout", "#### Held-out task combinations"):
         assert heading in text
     assert "| heldout_tagmoe | move, relight |" in text
+    assert "(1 seed: no interval) cannot tell apart" in text and "| success | all | " in text  # one seed: no verdict
     assert (tmp_path / "results" / "cpu_curves.png").is_file()
     assert (tmp_path / "results" / "cpu_routing_tagmoe_layer_1.png").is_file()
 

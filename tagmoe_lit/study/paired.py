@@ -1,11 +1,23 @@
-"""Paired differences between two variants, sample by sample, and spreads over seeds.
+"""Paired differences between two variants: the seed is the unit, the samples only measure noise.
 
-Why paired: two runs of the same seed are tested on the same samples with the same noise, so
-most of a sample's difficulty cancels in the per-sample difference a_i − b_i. Its mean ± standard
-error (over every sample of every shared seed) is far tighter than comparing two means, and a 95 %
-interval (mean ± 1.96·SE) that excludes 0 says the sign would survive re-drawing the test set.
-What it does not cover is training noise: that is what the per-seed means and their spread (and a
-sign agreed by every seed) show next to it.
+Two runs of the same seed are tested on the same samples with the same noise, so most of a
+sample's difficulty cancels in the per-sample difference a_i − b_i, and each shared seed gives one
+mean difference d_s (the mean of its per-sample differences). A claim about a *method* is a claim
+about training runs, so the headline is the seed-level paired t-interval
+
+    mean(d) ± t_{0.975, n−1} · sd(d) / √n        (n shared seeds, n ≥ 2; none for n = 1)
+
+and the verdict words (better / worse / cannot tell apart) come from it alone (DESIGN.md pitfall 27).
+
+The per-sample figures (mean ± SE over every sample of every shared seed, pooled as if independent)
+stay as a secondary "test-sample noise" number: within a seed the differences share one trained
+pair of models, so their SE says whether the sign would survive re-drawing the test set, not
+re-training. Pooling 3 seeds × 288 samples as 864 independent differences made intervals far too
+narrow for a claim about the method (issue 16).
+
+The t quantile: scipy is not a dependency of the kit (torch's StudentT has no icdf), so
+`t_quantile_975` reads an exact table for 1–30 degrees of freedom and, beyond, the Cornish–Fisher
+expansion of t in 1/df (Abramowitz & Stegun 26.7.5; off by < 1e-7 for df > 30).
 """
 
 from __future__ import annotations
@@ -16,15 +28,76 @@ from typing import Mapping, Sequence
 
 Samples = Mapping[str, Sequence]  # a test report's `per_sample`: {"index": [...], "task": [...], metric: [...]}
 
+# t_{0.975, df} for df = 1 … 30 (scipy.stats.t.ppf(0.975, df), 6 decimals).
+_T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
+         2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
+         2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272)
+_Z975 = 1.959963984540054  # the standard normal's 0.975 quantile: the limit df → ∞
+
+BETTER, WORSE, CANNOT_TELL = "better", "worse", "cannot tell apart"
+
+
+def t_quantile_975(df: int) -> float:
+    """Student t's 0.975 quantile with `df` degrees of freedom (the half-width factor of a 95 % interval)."""
+    if df < 1:
+        raise ValueError(f"t_quantile_975: df = {df}; a t-interval needs df ≥ 1 (at least two seeds).")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z, v = _Z975, float(df)
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
+    return z + g1 / v + g2 / v**2 + g3 / v**3 + g4 / v**4
+
 
 @dataclass(frozen=True)
 class Paired:
-    """a − b on `metric` over the samples of `tasks` that both runs scored (NaN: not defined there)."""
+    """a − b on `metric`: per-seed mean differences (the unit of inference) and the pooled samples.
 
-    mean: float
-    se: float
-    n: int
-    seed_means: tuple[float, ...]  # mean difference within each shared seed
+    `mean`, `se`, `n`, `low`, `high` and `significant` are the pooled per-sample figures: test-sample
+    noise only, never a verdict. The verdict is `verdict(...)`, from `seed_interval`.
+    """
+
+    mean: float  # pooled over every shared sample of every shared seed
+    se: float  # its per-sample standard error (test-sample noise)
+    n: int  # pooled samples
+    seed_means: tuple[float, ...]  # mean difference within each shared seed, in the order of `seeds`
+    seeds: tuple[int, ...]  # the shared seeds that scored at least one sample
+
+    # --- seed level: the headline -----------------------------------------------------------------
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.seed_means)
+
+    @property
+    def seed_mean(self) -> float:
+        """The mean over seeds of each seed's mean difference (every seed weighs the same)."""
+        return sum(self.seed_means) / len(self.seed_means)
+
+    @property
+    def seed_interval(self) -> tuple[float, float] | None:
+        """The 95 % paired t-interval over seeds (n − 1 df); None with one seed (no spread to measure).
+
+        Seeds whose mean differences are identical give a zero-width interval: that is the
+        t-interval's answer, and the reason to run more than two seeds.
+        """
+        if self.n_seeds < 2:
+            return None
+        mean, sd = mean_std(self.seed_means)
+        half = t_quantile_975(self.n_seeds - 1) * sd / math.sqrt(self.n_seeds)
+        return mean - half, mean + half
+
+    def verdict(self, higher_better: bool) -> str:
+        """'better' / 'worse' when the seed-level interval excludes 0 (in the metric's good direction
+        for a), else 'cannot tell apart' (the interval spans 0, or a single seed gives none)."""
+        interval = self.seed_interval
+        if interval is None or interval[0] <= 0 <= interval[1]:
+            return CANNOT_TELL
+        return BETTER if (interval[0] > 0) == higher_better else WORSE
+
+    # --- sample level: test-sample noise ----------------------------------------------------------
 
     @property
     def low(self) -> float:
@@ -36,7 +109,8 @@ class Paired:
 
     @property
     def significant(self) -> bool:
-        """The 95 % interval excludes 0."""
+        """The pooled per-sample 95 % interval excludes 0: the sign survives re-drawing the test set
+        for these trained models. Not a claim about the method; see `verdict`."""
         return self.n > 1 and (self.low > 0 or self.high < 0)
 
     @property
@@ -57,17 +131,19 @@ def differences(a: Samples, b: Samples, metric: str, tasks: set[str] | None = No
 
 
 def paired(a_by_seed: Mapping[int, Samples], b_by_seed: Mapping[int, Samples], metric: str, tasks: set[str] | None = None) -> Paired | None:
-    """Pool per-sample differences over the seeds both variants ran; None if nothing is shared."""
-    pooled, seed_means = [], []
+    """Per-seed mean differences over the seeds both variants ran, and the pooled per-sample
+    differences; None if nothing is shared. A seed with no shared finite sample drops out."""
+    pooled, seed_means, seeds = [], [], []
     for seed in sorted(set(a_by_seed) & set(b_by_seed)):
         d = differences(a_by_seed[seed], b_by_seed[seed], metric, tasks)
         if d:
             pooled += d
             seed_means.append(sum(d) / len(d))
+            seeds.append(seed)
     if not pooled:
         return None
     mean, sd = mean_std(pooled)
-    return Paired(mean, sd / math.sqrt(len(pooled)), len(pooled), tuple(seed_means))
+    return Paired(mean, sd / math.sqrt(len(pooled)), len(pooled), tuple(seed_means), tuple(seeds))
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -21,7 +21,7 @@ from tagmoe_lit.data.synthtag import TASK_TAGS
 from tagmoe_lit.figures import heatmap
 from tagmoe_lit.io import atomic_write_text
 from tagmoe_lit.metrics.knockout import to_markdown as knockout_markdown
-from tagmoe_lit.study.paired import Paired, mean_std, paired
+from tagmoe_lit.study.paired import CANNOT_TELL, Paired, mean_std, paired
 from tagmoe_lit.study.preset import Preset, Run
 from tagmoe_lit.study.runs import fingerprint, load_done, run_dir
 
@@ -109,13 +109,29 @@ def main_table(f: Finished, groups: dict[str, set[str]]) -> str:
 
 
 def _paired_cell(p: Paired | None, higher_better: bool) -> str:
+    """The headline: mean over seeds of the per-seed mean difference, its 95 % seed-level
+    t-interval, the number of seeds, and the verdict word taken from that interval alone."""
     if p is None:
         return "–"
-    mark = ""
-    if p.significant:
-        better = (p.mean > 0) == higher_better
-        mark = (" **better**" if better else " **worse**") + ("" if p.seeds_agree else " (seeds disagree)")
-    return f"{p.mean:+.4f} ± {p.se:.4f}{mark}"
+    word = p.verdict(higher_better)
+    word = word if word == CANNOT_TELL else f"**{word}**"
+    interval = p.seed_interval
+    if interval is None:
+        return f"{p.seed_mean:+.4f} (1 seed: no interval) {word}"
+    return f"{p.seed_mean:+.4f} [{interval[0]:+.4f}, {interval[1]:+.4f}] ({p.n_seeds} seeds) {word}"
+
+
+def _seed_table(rows: list[tuple[str, str, Paired | None]], seeds: list[int]) -> list[str]:
+    """Each seed's mean difference per (metric, tasks) row, so anyone can recompute the interval,
+    and the pooled per-sample mean ± SE (number of samples): test-sample noise, no verdict."""
+    lines = ["| metric | tasks | " + " | ".join(f"seed {s}" for s in seeds) + " | test-sample noise: per-sample mean ± SE (samples) |",
+             "|---" * (len(seeds) + 3) + "|"]
+    for metric, group, p in rows:
+        if p is not None:
+            by_seed = dict(zip(p.seeds, p.seed_means))
+            cells = [f"{by_seed[s]:+.4f}" if s in by_seed else "–" for s in seeds]
+            lines.append(f"| {metric} | {group} | " + " | ".join(cells) + f" | {p.mean:+.4f} ± {p.se:.4f} ({p.n}) |")
+    return lines
 
 
 def paired_tables(f: Finished, groups: dict[str, set[str]]) -> str:
@@ -123,13 +139,19 @@ def paired_tables(f: Finished, groups: dict[str, set[str]]) -> str:
     for a, b in f.preset.compare:
         if a not in f.reports or b not in f.reports:
             continue
+        seeds = sorted(set(f.reports[a]) & set(f.reports[b]))
+        pairs = {(m, g): paired(f.samples(a), f.samples(b), m, tasks) for m in METRICS for g, tasks in groups.items()}
         lines = [f"#### {a} − {b}", "", "| metric | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
         for metric, higher_better in METRICS.items():
-            cells = [_paired_cell(paired(f.samples(a), f.samples(b), metric, tasks), higher_better) for tasks in groups.values()]
-            lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-        seeds = sorted(set(f.reports[a]) & set(f.reports[b]))
-        lines += ["", f"Seeds {seeds}; per-sample mean ± SE over {len(seeds)} × the test samples; **better** / **worse**: the "
-                      "95 % interval excludes 0 (for flow_fixed lower is better)."]
+            lines.append(f"| {metric} | " + " | ".join(_paired_cell(pairs[metric, g], higher_better) for g in groups) + " |")
+        lines += ["", f"Seeds {seeds}. Each cell: the mean over the n seeds of each seed's mean paired difference, "
+                      "[95 % seed-level t-interval: mean ± t(0.975, n − 1) · sd / √n] (n seeds) and the verdict, taken from "
+                      "that interval alone: **better** / **worse** when it excludes 0 (for flow_fixed lower is better), "
+                      "cannot tell apart when it spans 0 or one seed gives none (seeds with equal means give a zero-width "
+                      "interval). Below: each seed's mean difference, to recompute the interval, and the per-sample mean ± SE "
+                      "pooled over every test sample of every seed: test-sample noise only (no training noise in it), so no "
+                      "verdict rests on it.", ""]
+        lines += _seed_table([(m, g, p) for (m, g), p in pairs.items()], seeds)
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
 
@@ -220,9 +242,10 @@ def heldout_table(f: Finished) -> str:
         lines.append(f"| {v} | {', '.join(tasks)} | " + " | ".join(cells) + " |")
     names = list(held)
     for a, b in zip(names, names[1:]):
-        cells = [f"{m} {_paired_cell(paired(f.samples(a), f.samples(b), m, set(held[a])), METRICS[m])}"
-                 for m in ("success", "preserve_accuracy", "psnr_edit", "flow_fixed")]
-        lines += ["", f"Paired {a} − {b} on the held-out tasks: " + "; ".join(cells) + "."]
+        pairs = {m: paired(f.samples(a), f.samples(b), m, set(held[a])) for m in ("success", "preserve_accuracy", "psnr_edit", "flow_fixed")}
+        cells = [f"{m} {_paired_cell(p, METRICS[m])}" for m, p in pairs.items()]
+        lines += ["", f"Paired {a} − {b} on the held-out tasks (seed-level 95 % t-intervals, as above): " + "; ".join(cells) + ".", ""]
+        lines += _seed_table([(m, "held out", p) for m, p in pairs.items()], sorted(set(f.reports[a]) & set(f.reports[b])))
     return "\n".join(lines) + "\n"
 
 
