@@ -36,7 +36,6 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-import warnings
 from importlib import import_module
 from typing import Any, Callable
 
@@ -55,11 +54,7 @@ def _lightning(subcommand: str) -> Callable[[], Main]:
         from tagmoe_lit.cli import main
 
         def lightning_main(argv: list[str]) -> Any:
-            # LightningCLI warns when handed `args` while sys.argv holds others; from the command line
-            # they are the same arguments, and in-process callers pass theirs on purpose
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
-                return main([subcommand, *argv])
+            return main([subcommand, *argv])
 
         return lightning_main
 

@@ -31,7 +31,6 @@ import sys
 import lightning as L
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_warn
 
 from tagmoe_lit.errors import check_checkpoint_file, check_config_files, check_output_dir, parse_error_summary
 from tagmoe_lit.failed_run import FirstBatch, not_yet_there, remove_created
@@ -79,13 +78,8 @@ class TagMoECLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """As LightningCLI's, and a logger's unset `save_dir` is filled before the config is validated
-        (`TensorBoardLogger` requires one): see `logs_follow_root_dir`."""
-        if args is not None and len(sys.argv) > 1:  # Lightning's own warning, kept
-            rank_zero_warn(
-                "LightningCLI's args parameter is intended to run from within Python like if it were from the command "
-                "line. To prevent mistakes it is not recommended to provide both args and command line arguments, got: "
-                f"sys.argv[1:]={sys.argv[1:]}, args={args}."
-            )
+        (`TensorBoardLogger` requires one): see `logs_follow_root_dir`. Unlike Lightning's it does not warn
+        about `args` given beside `sys.argv`: the command table and the study hand them over on purpose."""
         if isinstance(args, (dict, Namespace)):
             config = parser.parse_object(args, _skip_validation=True)
         else:
@@ -104,13 +98,13 @@ class TagMoECLI(LightningCLI):
         and a checkpoint refused for another model is named."""
         trainer, first = self.trainer, FirstBatch()
         created = not_yet_there(trainer)
+        ckpt = self._prepare_subcommand_kwargs(subcommand).get("ckpt_path")
         trainer.callbacks.append(first)
         try:
             super()._run_subcommand(subcommand)
         except BaseException as e:
             if not first.started and trainer.is_global_zero:
                 remove_created(created)
-            ckpt = self._prepare_subcommand_kwargs(subcommand).get("ckpt_path")
             if isinstance(e, CheckpointMismatchError) and ckpt:
                 raise CheckpointMismatchError(f"{ckpt}: {e}") from None
             raise

@@ -108,7 +108,9 @@ def check_checkpoint_file(ckpt_path: str | Path | None) -> None:
     if not path.exists():
         raise FileProblem(path, "checkpoint not found", f"check the path given to --ckpt_path, or {CKPT_FIX}")
     if path.is_dir():
-        if not (path / ".metadata").is_file() or not (path / "meta.pt").is_file():
+        from tagmoe_lit.distributed.checkpoint import is_sharded_checkpoint
+
+        if not is_sharded_checkpoint(path):
             raise FileProblem(path, "is a directory but not a sharded checkpoint (no .metadata and meta.pt)", CKPT_FIX)
         return
     if path.stat().st_size == 0:

@@ -53,7 +53,7 @@ def clean_estimate(model: TagMoEModule, batch: dict, sigma: float) -> torch.Tens
     keep = torch.zeros(len(batch["instruction"]), dtype=torch.bool)
     instructions, reference = conditioning(batch, source, keep, keep)
     grid = model.grid(batch["target"])
-    sigma_B = torch.full((x0.shape[0],), sigma)
+    sigma_B = torch.full((x0.shape[0],), sigma, device=x0.device)
     x_s = interpolate(x0, model.fixed_noise(batch, "eval"), sigma_B)
     v, _ = model.velocity(x_s, reference, grid, instructions, sigma_B, model.tag_embedding(batch))
     return model.codec.decode(x_s - sigma * v, *grid).clamp(0, 1)

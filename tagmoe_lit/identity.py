@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tagmoe_lit.moe import MoELayer
-
 if TYPE_CHECKING:
     from tagmoe_lit.module import TagMoEModule
 
@@ -23,7 +21,8 @@ CHECKPOINT_CORE = ("schema", "schema_fingerprint", "num_tags", "num_experts", "m
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint or weight directory was written for another tag schema or MoE shape."""
+    """A checkpoint or weight directory was written for another model: tag schema, MoE shape, router
+    class, top-k, expert bias or renormalization (a router swap on resume is refused too)."""
 
 
 def model_identity(module: TagMoEModule) -> dict[str, Any]:
@@ -32,6 +31,7 @@ def model_identity(module: TagMoEModule) -> dict[str, Any]:
     layers = module.moe_layers
     first = layers[0] if layers else None
     router = type(first.router) if first else None
+    moe = {id(layer) for layer in layers}
     return {
         "schema": module.schema.name,
         "schema_fingerprint": module.schema.fingerprint,
@@ -40,7 +40,7 @@ def model_identity(module: TagMoEModule) -> dict[str, Any]:
         "moe_layers": len(layers),
         "layout": "kit",
         "num_layers": len(blocks),
-        "moe_blocks": [i for i, b in enumerate(blocks) if isinstance(b.img_mlp, MoELayer)],
+        "moe_blocks": [i for i, b in enumerate(blocks) if any(id(m) in moe for m in b.modules())],
         "top_k": first.top_k if first else None,
         "router": f"{router.__module__}.{router.__qualname__}" if first else None,
         "expert_bias": first.experts.b1_EH is not None if first else None,

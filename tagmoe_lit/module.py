@@ -36,7 +36,7 @@ from tagmoe_lit.identity import check_checkpoint, model_identity
 from tagmoe_lit.moe import MoELayer, RoutingRecord, RoutingStats
 from tagmoe_lit.moe.expert_counts import end_step, reset_counts
 from tagmoe_lit.objective import Draws, FlowObjective, check_finite, conditioning, flow_by_sigma_quartile
-from tagmoe_lit.optim import WarmupCosine, build_optimizer
+from tagmoe_lit.optim import AdamW, WarmupCosine, build_optimizer
 from tagmoe_lit.protocols import Backbone, BackboneFactory, Codec, Head, HeadFactory, TagEmbedder, TagEmbedderFactory, TextEncoder
 from tagmoe_lit.quantize import QuantMode, quantize_frozen
 from tagmoe_lit.sampling import EulerSampler
@@ -62,7 +62,7 @@ class TagMoEModule(L.LightningModule):
         lambda_z: float = 0.0,
         text_dropout: float = 0.1,
         reference_dropout: float = 0.05,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
+        optimizer: OptimizerCallable = AdamW,
         warmup_steps: int = 50,
         cosine_decay: bool = True,
         min_lr_ratio: float = 0.1,

@@ -22,6 +22,15 @@ import torch
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW with the kit's defaults (β2 0.99, no weight decay): what `TagMoEModule` uses
+    when no `model.optimizer` is given (base.yaml names torch.optim.AdamW with the same values)."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, eps: float = 1e-8):
+        super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+
+
 @dataclass(frozen=True)
 class WarmupCosine:
     """lr multiplier at optimizer step `step`: (step+1)/warmup, then cosine to `min_lr_ratio` (or flat)."""

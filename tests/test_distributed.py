@@ -5,8 +5,8 @@ Each multi-process run goes through the documented launcher, `torchrun` (`torch.
 in-process single-process run whose batch is both ranks' batches together. Equal losses need three
 things: the data modules give rank r of W the global batch's slice r (`data/datamodule.py`), the
 training noise of a sample depends on its position in the global batch and not on its rank
-(`TagMoEModule._training_draws`), and the load-balancing loss takes expert counts over all ranks
-(`moe/losses.py` `global_counts`); the mean of the ranks' losses is then the single-process loss.
+(`FlowObjective.training_draws`, called by `TagMoEModule.training_draws`), and the load-balancing loss takes expert counts over all ranks
+(`moe/expert_counts.py` `global_counts`); the mean of the ranks' losses is then the single-process loss.
 
 Process start-up costs ~15 s each (DESIGN.md pitfall 13), so these are `slow` (`make test-slow`).
 """
@@ -22,7 +22,7 @@ import torch
 
 from tagmoe_lit.cli import TagMoECLI
 from tagmoe_lit.moe import RoutingStats, load_balancing_loss
-from tagmoe_lit.moe.losses import global_counts
+from tagmoe_lit.moe.expert_counts import global_counts
 from tagmoe_lit.moe.stats import LayerRouting
 from helpers import FSDP2, PER_RANK, STEPS, assert_same_run, common, single, tiny_batch, tiny_module, torchrun
 

@@ -8,6 +8,11 @@ from pathlib import Path
 import torch
 
 
+def is_sharded_checkpoint(folder: Path) -> bool:
+    """A ModelParallelStrategy checkpoint directory: each rank's shards (`.metadata`) and `meta.pt`."""
+    return (folder / ".metadata").is_file() and (folder / "meta.pt").is_file()
+
+
 def consolidate_checkpoint(folder: str | Path, output: str | Path) -> Path:
     """One `.ckpt` file from a ModelParallelStrategy checkpoint directory, loadable in a single process.
 
@@ -21,7 +26,7 @@ def consolidate_checkpoint(folder: str | Path, output: str | Path) -> Path:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     folder, output = Path(folder), Path(output)
-    if not (folder / ".metadata").is_file() or not (folder / "meta.pt").is_file():
+    if not is_sharded_checkpoint(folder):
         raise ValueError(f"{folder} is not a ModelParallelStrategy checkpoint directory (no .metadata / meta.pt); "
                          "pass the `.ckpt` directory the run saved.")
     gathered = output.with_name(f".{output.name}.gathered")

@@ -3,7 +3,7 @@
 The model only exposes its blocks (`QwenImageBackbone.blocks`); this file decides how they are
 sharded: activation checkpointing on each block, `fully_shard` on each block, then `fully_shard` on
 the root, so every parameter outside the blocks (embedders, norms, MoE heads) is sharded and its
-gradients are reduced too. `tagmoe_lit.distributed.wrap.apply_wrappers` calls `parallelize` only
+gradients are reduced too. `tagmoe_lit.distributed.wrap.wrap_model` calls `parallelize` only
 under Lightning's `ModelParallelStrategy` (which sets `device_mesh`); Lightning's FSDP1
 `FSDPStrategy` wraps by class from its YAML instead.
 

@@ -89,11 +89,10 @@ class StartingWeights:
                              "with FSDP2 (experiments/strategy/fsdp2.yaml), then resume FSDP1 from its checkpoint.")
         fsdp2 = any(isinstance(p, DTensor) for p in module.parameters())
         broadcast = fsdp2 and dist.is_initialized() and dist.get_world_size() > 1
-        full_shapes = self.full_shapes or None
         tensors, left, error = {}, [], None
         if not broadcast or dist.get_rank() == 0:
             try:
-                tensors, left = pretrained_tensors(module, self.path, full_shapes, module.backbone.upcycling)
+                tensors, left = pretrained_tensors(module, self.path, self.full_shapes, module.backbone.upcycling)
             except Exception as e:  # any failure (corrupt safetensors, OOM, …) is raised on every rank below:
                 error = e           # a rank that raised alone would leave the others waiting in the broadcast
         if broadcast:

@@ -29,7 +29,7 @@ from pathlib import Path
 from tagmoe_lit.io import atomic_write_text
 from tagmoe_lit.metrics.report import json_safe
 from tagmoe_lit.study.preset import Preset, Run
-from tagmoe_lit.study.runs import _own_arguments, _seeded, fingerprint, load_done, run_dir
+from tagmoe_lit.study.runs import _seeded, fingerprint, load_done, run_dir
 
 # What `--smoke` adds: 2 optimizer steps per run, one validation batch, a test sample or two per
 # task, 2 sampler steps, curve checkpoints every step: the whole suite's machinery in seconds.
@@ -43,8 +43,7 @@ SMOKE = [
 def _cli(args: list[str]):
     from tagmoe_lit.cli import main  # imported late: `study --help` stays instant
 
-    with _own_arguments():
-        return main(args)
+    return main(args)
 
 
 def _test(run: Run, extra: list[str], ckpt: Path, directory: Path, samples: int | None = None) -> dict:
@@ -92,9 +91,8 @@ def train_and_test(run: Run, directory: Path, extra: list[str], curve_every: int
         from tagmoe_lit.knockout import main as knockout
 
         start = time.perf_counter()
-        with _own_arguments():
-            knockout([*_seeded(run, extra), "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir",
-                      str(directory / "knockout"), "--ckpt_path", str(final)])
+        knockout([*_seeded(run, extra), "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir",
+                  str(directory / "knockout"), "--ckpt_path", str(final)])
         shutil.move(str(ckpt_dir / "knockout.json"), directory / "knockout.json")
         (ckpt_dir / "knockout.md").unlink()
         times["knockout_s"] = time.perf_counter() - start

@@ -3,18 +3,16 @@ fingerprint, and whether it is done (`load_done`).
 
 Run `variant` on seed `s` lives in `<out>/<variant>/seed<s>/` and is done when its `done.json` holds
 the fingerprint of its current resolved config (or, for runs finished before issue 14 reshaped the
-configs, the fingerprint of the same config in its earlier form: `legacy_config`). `runner.py` trains runs into these folders and
-`report.py` reads the finished ones: both import this file, and the report never imports the
-runner (which imports the report). `_seeded` (a run's arguments) and `_own_arguments` are
-study-internal helpers that `runner.py` shares.
+configs, the fingerprint of the same config in its earlier form: `legacy_config`). `runner.py`
+trains runs into these folders and `report.py` reads the finished ones: both import this file, and
+the report never imports the runner (which imports the report). `_seeded` (a run's arguments) is a
+study-internal helper that `runner.py` shares.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,22 +50,13 @@ def load_done(directory: Path, key: RunKey) -> dict | None:
     return done
 
 
-@contextmanager
-def _own_arguments():
-    """LightningCLI warns when given `args` while sys.argv holds others (here: the study's own)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "LightningCLI's args parameter is intended")
-        yield
-
-
 def fingerprint(run: Run, extra: list[str], curves: Curves) -> RunKey:
     """Hash of what decides the run's results: its resolved config (so a comment, or an option a
     later config overrides, changes nothing) and the extras it runs (curve points, knockout)."""
     from tagmoe_lit.cli import resolved_config
 
     where = ["--trainer.default_root_dir", ".", "--trainer.logger.init_args.save_dir", "."]  # set per run at fit
-    with _own_arguments():
-        config = resolved_config([*_seeded(run, extra), *where])
+    config = resolved_config([*_seeded(run, extra), *where])
     extras = json.dumps([run.curve and (curves.every_n_steps, curves.test_samples), run.knockout])
     old = legacy_config(config)
     return RunKey(_digest(config + extras), None if old is None else _digest(old + extras))
