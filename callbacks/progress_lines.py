@@ -69,7 +69,8 @@ class ProgressLines(L.Callback):
         eta = (total - done) / rate if rate > 0 else float("inf")
         of = f"/{int(total)}" if math.isfinite(total) else ""
         unit = what.split()[-1]
-        pace = f"  {rate:.2f} {unit}s/s ({1 / rate:.2f} s/{unit})" if rate > 0 else ""
+        units = unit + ("es" if unit.endswith("ch") else "s")  # steps, batches
+        pace = f"  {rate:.2f} {units}/s ({1 / rate:.2f} s/{unit})" if rate > 0 else ""
         return f"{what} {done}{of}{extra}{pace}  elapsed {_clock(elapsed)}  ETA {_clock(eta)}"
 
     # -- training ----------------------------------------------------------------------------

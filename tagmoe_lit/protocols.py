@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 from torch import nn
 
-from tagmoe_lit.moe.layer import MoELayer
+from tagmoe_lit.moe.layer import MoELayer, RouterFactory  # (dim, num_experts) → Router; the layer owns it
 from tagmoe_lit.moe.upcycle import Upcycling
 
 
@@ -105,9 +105,11 @@ class Head(Protocol):
         """→ [B, D], compared with s by cosine."""
 
 
+__all__ = ["Backbone", "BackboneFactory", "Codec", "Head", "HeadFactory", "Router", "RouterFactory", "TagEmbedder",
+           "TagEmbedderFactory", "TextEncoder"]
+
 # Factories return plain modules in the signatures LightningCLI reads (jsonargparse checks a factory's
 # class against its return type by subclassing, which a protocol is not); what they build is the protocol.
 BackboneFactory = Callable[[int, int, int, int], nn.Module]  # (token_channels, patch, out_channels, text_dim) → Backbone
-RouterFactory = Callable[[int, int], nn.Module]  # (dim, num_experts) → Router
 TagEmbedderFactory = Callable[[int], nn.Module]  # (num_tags) → TagEmbedder
 HeadFactory = Callable[[int, int], nn.Module]  # (num_experts, tag_dim) → Head

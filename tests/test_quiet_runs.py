@@ -35,7 +35,7 @@ def test_fit_test_and_predict_run_without_a_logger_and_print_progress_lines(tmp_
 
     tested = run(tmp_path, "test", "--ckpt_path", str(ckpt), "--data.test_samples", "4", "--trainer.limit_test_batches", "1", *FAST_SAMPLER)
     assert tested.model.test_summary is not None and (tmp_path / "test_report.json").is_file()
-    assert "test batch 1/1" in capsys.readouterr().out
+    assert re.search(r"^test batch 1/1  [\d.]+ batches/s \([\d.]+ s/batch\)", capsys.readouterr().out, re.M)
 
     run(tmp_path, "predict", "--ckpt_path", str(ckpt), "--data.test_samples", "2", *FAST_SAMPLER)
     assert len(list((tmp_path / "predictions").glob("*.png"))) == 2
