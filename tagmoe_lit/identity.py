@@ -22,7 +22,8 @@ CHECKPOINT_CORE = ("schema", "schema_fingerprint", "num_tags", "num_experts", "m
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint or weight directory was written for another model: tag schema, MoE shape, router
-    class, top-k, expert bias or renormalization (a router swap on resume is refused too)."""
+    class, top-k, expert bias, renormalization or reference-token modulation (a router swap on resume is
+    refused too)."""
 
 
 def model_identity(module: TagMoEModule) -> dict[str, Any]:
@@ -45,6 +46,7 @@ def model_identity(module: TagMoEModule) -> dict[str, Any]:
         "router": f"{router.__module__}.{router.__qualname__}" if first else None,
         "expert_bias": first.experts.b1_EH is not None if first else None,
         "renormalize": first.renormalize if first else None,
+        "zero_cond_t": module.backbone.zero_cond_t,
         "components": [c for c in COMPONENTS if getattr(module, c) is not None],
     }
 

@@ -1,10 +1,8 @@
 """`TagMoEModule`: composes backbone, MoE, alignment and flow matching into one training step.
 
-The module holds no component math and no parallelism. Its parts, one concept per file:
-`objective.py` (draws and loss terms), `evaluation.py` (fixed-noise losses, test report),
-`generation.py` (the one sampling path), `optim.py`, `identity.py` (checkpoint identity),
-`trainable.py` / `quantize.py` (what learns, how frozen layers are stored), `distributed/`
-(FSDP2, meta materialization, starting weights) and `moe/expert_counts.py` (the step's counts).
+No component math, no parallelism; one concept per file: `objective.py` (draws, loss terms),
+`evaluation.py`, `generation.py`, `optim.py`, `identity.py`, `trainable.py` / `quantize.py`,
+`distributed/` (FSDP2, meta materialization, starting weights), `moe/expert_counts.py`.
 A training step reads like DiT's loop:
 
     draws = objective.training_draws(...)       # a generator per sample: bit-exact resume, any world size
@@ -68,6 +66,7 @@ class TagMoEModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         seed: int = 0,
         sample_in_test: bool = True,
+        align_dropped_text: bool = False,
         trainable: Literal["all", "moe_tail"] = "all",
         quantize_frozen: QuantMode | None = None,
         meta_init: bool = False,
@@ -95,6 +94,7 @@ class TagMoEModule(L.LightningModule):
             cosine_decay: decay to `min_lr_ratio`·lr over `trainer.max_steps` after warmup.
             min_lr_ratio: final learning rate as a fraction of the optimizer's lr.
             seed: seeds the per-step noise / σ / dropout generator (with step and rank).
+            align_dropped_text: also align samples trained without their instruction (default: they add 0).
             sample_in_test: `test` also samples every test image and scores the edits against exact targets
                 (data modules with `exact_targets`: SynthTAG; slow); off: fixed-noise flow losses only.
             trainable: all, or moe_tail (only MoE layers, tag embedder and head learn).
@@ -110,7 +110,8 @@ class TagMoEModule(L.LightningModule):
         self.backbone_factory, self.tag_embedder_factory, self.head_factory = backbone, tag_embedder, head
         self.text_encoder = text_encoder if text_encoder is not None else FrozenTextEncoder()
         self.codec = codec if codec is not None else PixelCodec()
-        self.objective = FlowObjective(timesteps, lambda_lb, lambda_align, lambda_z, text_dropout, reference_dropout, seed)
+        self.objective = FlowObjective(timesteps, lambda_lb, lambda_align, lambda_z, text_dropout, reference_dropout, seed,
+                                       align_dropped_text)
         self.sampler = sampler if sampler is not None else EulerSampler()
         self.optimizer_factory = optimizer
         self.warmup_steps, self.cosine_decay, self.min_lr_ratio = warmup_steps, cosine_decay, min_lr_ratio
@@ -216,7 +217,7 @@ class TagMoEModule(L.LightningModule):
         instructions, reference = conditioning(batch, source_tokens, drop_text, drop_ref)
         s = self.tag_embedding(batch)
         pred, stats = self.velocity(interpolate(x0, noise, sigma), reference, self.grid(batch["target"]), instructions, sigma, s)
-        terms, align_B = self.objective.loss_terms(pred, x0, noise, stats, self.head, s, routing_terms)
+        terms, align_B = self.objective.loss_terms(pred, x0, noise, stats, self.head, s, drop_text, routing_terms)
         if stats is not None and routing_terms:
             detached = (None if s is None else s.detach(), None if align_B is None else 1.0 - align_B.detach())
             self.routing = RoutingRecord(stats.detached(), batch["task"].detach(), batch["tags"].detach(), *detached)

@@ -2,7 +2,11 @@
 
     σ, ε, drop_text, drop_ref ~ one generator per sample, seeded by (seed, step, position)
     x_σ = (1 − σ)·x0 + σ·ε                                 # flow.interpolate
-    L = L_flow + λ_lb·L_lb + λ_z·L_z + λ_align·(1 − cos(H(g), s))
+    L = L_flow + λ_lb·L_lb + λ_z·L_z + λ_align·mean_b keep_b·(1 − cos(H(g_b), s_b))
+
+keep_b is 0 for a sample trained without its instruction (CFG dropout): it cannot infer its task,
+so it is not asked to route by it. The mean stays over the whole batch, so any split of the global
+batch over ranks and micro-batches gives the same gradient.
 
 The network call sits between `training_draws` and `loss_terms` and belongs to the caller
 (`TagMoEModule.loss_terms`): this file holds the math, as DiT's diffusion object does. Every draw
@@ -53,7 +57,9 @@ class FlowObjective:
         text_dropout: float = 0.1,
         reference_dropout: float = 0.05,
         seed: int = 0,
+        align_dropped_text: bool = False,
     ):
+        self.align_dropped_text = align_dropped_text
         self.timesteps = timesteps if timesteps is not None else LogitNormalSampler()
         self.lambda_lb, self.lambda_align, self.lambda_z = lambda_lb, lambda_align, lambda_z
         self.text_dropout, self.reference_dropout = text_dropout, reference_dropout
@@ -92,10 +98,11 @@ class FlowObjective:
         stats: RoutingStats | None,
         head: Head | None,
         s_BD: torch.Tensor | None,
+        drop_text_B: torch.Tensor | None = None,
         routing_terms: bool = True,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """The loss terms of one forward (`loss` is the weighted total) and the per-sample alignment
-        loss [B] (None without alignment).
+        loss [B] (None without alignment; unmasked, for per-task views).
 
         `routing_terms=False` keeps the flow terms only: no balance loss, so no all-reduce of the
         expert counts (evaluation forwards whose routing nobody reads).
@@ -110,8 +117,11 @@ class FlowObjective:
             if s_BD is not None:
                 g_BE = routing_signature(stats)
                 align_B = alignment_loss(head(g_BE), s_BD)
-                terms["align"] = align_B.mean()
-                terms.update(alignment_baselines(head, g_BE.detach(), s_BD.detach()))
+                keep_B = torch.ones_like(align_B)
+                if drop_text_B is not None and not self.align_dropped_text:
+                    keep_B = (~drop_text_B).to(align_B)
+                terms["align"] = (align_B * keep_B).mean()
+                terms.update(alignment_baselines(head, g_BE.detach(), s_BD.detach(), keep_B))
                 loss = loss + self.lambda_align * terms["align"]
             terms["router_entropy"] = torch.stack([layer.entropy for layer in stats.layers]).mean()
         terms["loss"] = loss

@@ -28,6 +28,7 @@ class Backbone(Protocol):
     moe_layers: list[MoELayer]  # in block order; empty for a dense backbone
     pretrained_path: str | None  # the local release it was built from (a meta build must not drop it)
     upcycling: Upcycling  # how dense FFN weights become experts (also for `model.init_weights`)
+    zero_cond_t: bool  # reference tokens modulated with t = 0, not the target's σ (checkpoint identity)
 
     @property
     def blocks(self) -> nn.ModuleList:

@@ -38,3 +38,20 @@ def test_lambda_align_zero_gives_bit_identical_gradients_to_a_model_without_the_
     for name, grad in gb.items():
         assert torch.equal(ga[name], grad), f"{name} differs"
     assert any(n.startswith("head.") for n in ga), "the branch still joins backward (DDP safety)"
+
+
+def test_samples_trained_without_their_instruction_are_not_aligned():
+    """A text-dropped sample cannot infer its task, so it adds 0 to L_align (the mean stays over the
+    batch: any split over ranks gives the same gradient); `align_dropped_text` restores the old loss."""
+    batch = tiny_batch(tiny_module())
+    B = batch["target"].shape[0]
+    sigma, noise = torch.full((B,), 0.5), torch.randn(B, 64, 12, generator=torch.Generator().manual_seed(0))
+    drop_text, off = torch.tensor([True, False, False, True]), torch.zeros(B, dtype=torch.bool)
+    for align_dropped_text, keep in ((False, ~drop_text), (True, torch.ones(B, dtype=torch.bool))):
+        module = tiny_module(align_dropped_text=align_dropped_text)
+        terms = module.loss_terms(batch, sigma, noise, drop_text, off)
+        per_sample = 1.0 - module.routing.align_cos_B
+        torch.testing.assert_close(terms["align"].detach(), (per_sample * keep).mean())
+    module = tiny_module()
+    terms = module.loss_terms(batch, sigma, noise, torch.ones(B, dtype=torch.bool), off)
+    assert terms["align"] == 0 and terms["align_shuffled"] == 0 and terms["align_constant"] == 0

@@ -27,7 +27,8 @@ from tagmoe_lit.module import TagMoEModule
 from tagmoe_lit.moe import MoELayer
 
 E, LAYERS, MOE_BLOCKS, TAG_DIM = 4, 3, (1, 2), 64
-BACKBONE = dict(num_layers=LAYERS, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6), moe_blocks=len(MOE_BLOCKS))
+BACKBONE = dict(num_layers=LAYERS, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6), moe_blocks=len(MOE_BLOCKS),
+                zero_cond_t=False)  # the release modulates reference tokens with the target's timestep
 CONFIG = f"""
 model:
   backbone:
@@ -37,6 +38,7 @@ model:
       num_attention_heads: 2
       attention_head_dim: 16
       axes_dims_rope: [4, 6, 6]
+      zero_cond_t: false
       moe_blocks: {len(MOE_BLOCKS)}
       moe:
         class_path: tagmoe_lit.moe.MoELayer
@@ -49,13 +51,13 @@ data:
 """
 
 
-def kit_module(num_experts: int = E, schema: str = "official18", **moe) -> TagMoEModule:
-    """The kit model a converted release loads into (bias-free experts, linear router)."""
+def kit_module(num_experts: int = E, schema: str = "official18", zero_cond_t: bool = False, **moe) -> TagMoEModule:
+    """The kit model a converted release loads into (bias-free experts, linear router, reference tokens
+    modulated with the target's timestep)."""
     torch.manual_seed(1)
     make_moe = partial(MoELayer, **{"num_experts": num_experts, "expert_bias": False, **moe})
-    module = TagMoEModule(
-        schema=schema, backbone=partial(QwenImageBackbone, moe=make_moe, **BACKBONE), tag_embedder=partial(SumTagEmbedder, dim=TAG_DIM)
-    )
+    backbone = partial(QwenImageBackbone, moe=make_moe, **{**BACKBONE, "zero_cond_t": zero_cond_t})
+    module = TagMoEModule(schema=schema, backbone=backbone, tag_embedder=partial(SumTagEmbedder, dim=TAG_DIM))
     module.configure_model()
     return module
 
@@ -242,6 +244,8 @@ def test_loader_refuses_another_expert_count_or_schema(release, tmp_path):
     assert "backbone: wrong shape" in str(err.value)
     with pytest.raises(CheckpointMismatchError, match="schema: directory 'official18' vs model 'synthtag'"):
         load_transformer_dir(kit_module(schema="synthtag"), tmp_path / "kit")
+    with pytest.raises(CheckpointMismatchError, match=r"zero_cond_t: directory False vs model True \(set model.backbone.init_args.zero_cond_t"):
+        load_transformer_dir(kit_module(zero_cond_t=True), tmp_path / "kit")  # Qwen-Image-Edit-2511's modulation is not the release's
 
 
 # -- the command line ------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def test_no_token_dropped_under_skewed_router_and_idle_experts_get_gradients():
 def test_top1_keeps_raw_probability_scaling_and_upcycled_experts_equal_dense_ffn():
     torch.manual_seed(0)
     ffn = FeedForward(dim=16, dim_out=16, activation_fn="gelu-approximate")
-    layer = MoELayer(16, 64, num_experts=4, top_k=1)
+    layer = MoELayer(16, 64, num_experts=4, top_k=1, expert_bias=True)  # biases: the dense FFN exactly
     upcycle_(layer.experts, ffn)
     torch.nn.init.zeros_(layer.router.gate.weight)  # uniform router: p = 1/4 for every expert
     x = torch.randn(2, 8, 16)
@@ -311,7 +311,7 @@ def test_parameter_counts_total_and_active():
     layer = MoELayer(16, 64, num_experts=4, top_k=1)
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), layer)
     counts = parameter_counts(model)
-    experts = 4 * (16 * 64 + 64 + 64 * 16 + 16)
+    experts = 4 * (16 * 64 + 64 * 16)  # no expert biases (the release's experts have none)
     router = 16 * 4
     assert counts["layers"] == [{"name": "1", "total": experts + router, "active": experts // 4 + router}]
     assert counts["total"] == 16 * 16 + 16 + experts + router
@@ -342,15 +342,16 @@ def test_dense_wide_backbone_holds_the_moe_tail_total_parameters():
     moe = QwenImageBackbone(**sizes, moe=partial(MoELayer, num_experts=4))
     wide = QwenImageBackbone(**sizes, widen_tail=4)
     routers = sum(count(layer.router) for layer in moe.moe_layers)
-    extra_output_biases = 2 * (4 - 1) * 128  # each expert has its own D-bias; the wide FFN has one
-    assert count(wide) == count(moe) - routers - extra_output_biases
+    wide_biases = 2 * (4 * 512 + 128)  # the wide FFNs' biases; the experts have none (expert_bias: false)
+    assert count(wide) == count(moe) - routers + wide_biases
     assert [b.img_mlp.net[0].proj.out_features for b in wide.blocks] == [512] * 4 + [2048] * 2
     with pytest.raises(ValueError, match="widen_tail=4 widens dense FFNs: it needs moe: null"):
         QwenImageBackbone(**sizes, widen_tail=4, moe=partial(MoELayer, num_experts=4))
 
 
-def _tiny_moe_transformer(**moe):
-    """A 2-block diffusers Qwen-Image transformer whose last block's image FFN is a `MoELayer`."""
+def _tiny_moe_transformer(pretrained: bool = True, **moe):
+    """A 2-block diffusers Qwen-Image transformer whose last block's image FFN is a `MoELayer`
+    (`pretrained`: its experts upcycled from the FFN it replaces, as from a dense checkpoint)."""
     from diffusers import QwenImageTransformer2DModel
 
     from tagmoe_lit.backbone.surgery import install_moe
@@ -358,7 +359,7 @@ def _tiny_moe_transformer(**moe):
     torch.manual_seed(0)
     transformer = QwenImageTransformer2DModel(num_layers=2, num_attention_heads=2, attention_head_dim=16,
                                               axes_dims_rope=(4, 6, 6), in_channels=12, out_channels=3, joint_attention_dim=24)
-    (layer,) = install_moe(transformer.transformer_blocks, 1, partial(MoELayer, **moe))
+    (layer,) = install_moe(transformer.transformer_blocks, 1, partial(MoELayer, **moe), pretrained=pretrained)
     return transformer, layer
 
 
@@ -376,18 +377,52 @@ def test_gradient_checkpointing_outside_the_lightning_module_counts_each_token_o
     assert layer.router.gate.weight.grad is not None
 
 
-def test_meta_materialized_experts_start_tied_like_the_eager_surgery():
-    """One init path: the eager surgery copies the FFN it replaces into every expert; a meta build has no
-    FFN, so materialization's `MoELayer.reset_parameters` upcycles a fresh one — tied copies either way."""
+@pytest.mark.parametrize("expert_init", ["independent", "tied"])
+def test_from_scratch_experts_start_alike_in_eager_and_meta_builds(expert_init):
+    """One init path per `expert_init`, eager and meta alike: independent draws (the default: experts differ
+    at init), or tied copies of one dense FFN (the eager surgery copies the FFN it replaces; a meta build has
+    none, so materialization's `MoELayer.reset_parameters` upcycles a fresh one)."""
     from tagmoe_lit.distributed import materialize_
 
-    _, eager = _tiny_moe_transformer()
+    _, eager = _tiny_moe_transformer(pretrained=False, expert_init=expert_init)
     with torch.device("meta"):
-        _, meta = _tiny_moe_transformer()
+        _, meta = _tiny_moe_transformer(pretrained=False, expert_init=expert_init)
     materialize_(meta, "cpu")
     for layer in (eager, meta):
-        w1, w2, b1 = layer.experts.w1_EDH, layer.experts.w2_EHD, layer.experts.b1_EH
-        assert all(torch.equal(t[e], t[0]) for t in (w1, w2, b1) for e in range(1, 4)), "experts are not tied copies"
-    bound = 1 / math.sqrt(meta.experts.dim)  # nn.Linear's init of the fresh dense FFN
-    assert 0.5 * bound < meta.experts.w1_EDH.abs().max() <= bound
+        same = [torch.equal(t[e], t[0]) for t in (layer.experts.w1_EDH, layer.experts.w2_EHD) for e in range(1, 4)]
+        assert all(same) if expert_init == "tied" else not any(same), f"{expert_init} experts: {same}"
+        bound = 1 / math.sqrt(layer.experts.dim)  # nn.Linear's init, per expert or of the one dense FFN
+        assert 0.5 * bound < layer.experts.w1_EDH.abs().max() <= bound
     assert not meta.counts.step_total().any()
+    with pytest.raises(ValueError, match="expert_init='shared' is unknown; choose 'independent' or 'tied'"):
+        MoELayer(16, 64, expert_init="shared")
+
+
+def test_upcycling_noise_on_independent_experts_is_refused():
+    from tagmoe_lit.backbone import QwenImageBackbone
+
+    with pytest.raises(ValueError, match="upcycle_noise / upcycle_reinit perturb experts copied from a dense FFN"):
+        QwenImageBackbone(48, 4, 3, 32, moe=MoELayer, upcycle_noise=0.05)
+    tied = QwenImageBackbone(48, 4, 3, 32, moe=partial(MoELayer, expert_init="tied"), upcycle_noise=0.05)
+    w1 = tied.moe_layers[0].experts.w1_EDH
+    assert not torch.equal(w1[0], w1[1])  # noise on the copies
+
+
+@pytest.mark.parametrize("routing_tokens", ["target", "image"])
+def test_routing_tokens_count_target_or_every_real_image_token(routing_tokens):
+    """g, the balance counts and routing statistics cover the target tokens, or (`image`, as the release's
+    balance loss) the real reference tokens too; a blank reference frame (text-to-image) never counts."""
+    from tagmoe_lit.backbone import QwenImageBackbone
+
+    torch.manual_seed(0)
+    backbone = QwenImageBackbone(12, 2, 3, 24, num_layers=2, num_attention_heads=2, attention_head_dim=16,
+                                 axes_dims_rope=(4, 6, 6), moe=MoELayer, moe_blocks=1, routing_tokens=routing_tokens)
+    T = 16
+    reference = torch.randn(2, T, 12)
+    reference[0] = 0.0  # sample 0: a text-to-image sample's blank frame
+    backbone(torch.randn(2, T, 12), reference, (4, 4), torch.randn(2, 3, 24), None, torch.rand(2))
+    routing = backbone.moe_layers[0].routing
+    assert routing.counts_E.sum() == (2 * T + T if routing_tokens == "image" else 2 * T)
+    assert routing.top1_counts_BE.sum(1).tolist() == ([T, 2 * T] if routing_tokens == "image" else [T, T])
+    with pytest.raises(ValueError, match="routing_tokens='all' is unknown; choose 'target' or 'image'"):
+        QwenImageBackbone(12, 2, 3, 24, moe=MoELayer, routing_tokens="all")

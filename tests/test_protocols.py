@@ -67,7 +67,7 @@ class WrappedBackbone(nn.Module):
         super().__init__()
         self.inner = QwenImageBackbone(token_channels, patch, out_channels, text_dim, **options)
         self.moe_layers = self.inner.moe_layers
-        self.pretrained_path, self.upcycling = None, self.inner.upcycling
+        self.pretrained_path, self.upcycling, self.zero_cond_t = None, self.inner.upcycling, self.inner.zero_cond_t
 
     @property
     def blocks(self) -> nn.ModuleList:

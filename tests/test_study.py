@@ -268,7 +268,14 @@ def test_runs_finished_before_the_config_reshape_are_recognised_and_migrated(tmp
     recorded = json.loads((ROOT / "tests/data/legacy_fingerprints.json").read_text())["fingerprints"]
     presets = {name: Preset.load(ROOT / f"experiments/study/{name}.yaml", root=ROOT) for name in ("cpu", "gpu")}
     runs = {f"{name}/{r.variant}/seed{r.seed}": (p, r) for name, p in presets.items() for r in p.runs()}
-    keys = {name: fingerprint(runs[name][1], [], runs[name][0].curves) for name in recorded}
+    dense = {name for name, (_, r) in runs.items() if r.variant in ("dense", "dense_wide")}
+    # issue 16's defaults change what an MoE run computes: only dense runs keep their earlier results ...
+    now = {name: fingerprint(runs[name][1], [], runs[name][0].curves) for name in recorded}
+    assert {name: key.legacy for name, key in now.items()} == {n: (f if n in dense else None) for n, f in recorded.items()}
+    # ... and an MoE run configured with the earlier behaviour is the earlier run
+    moe, earlier = "--model.backbone.init_args.moe.init_args.", ["--model.align_dropped_text", "true"]
+    earlier += [f"{moe}expert_init", "tied", f"{moe}expert_bias", "true"]
+    keys = {name: fingerprint(runs[name][1], [] if name in dense else earlier, runs[name][0].curves) for name in recorded}
     assert {name: key.legacy for name, key in keys.items()} == recorded
     assert all(key.current != key.legacy for key in keys.values())
     name = "cpu/tagmoe/seed0"

@@ -20,8 +20,12 @@ def alignment_loss(pred_BD: torch.Tensor, s_BD: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def alignment_baselines(head: nn.Module, g_BE: torch.Tensor, s_BD: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean alignment loss with shuffled (rolled) and with constant (batch-mean) signatures."""
-    shuffled = alignment_loss(head(g_BE.roll(1, dims=0)), s_BD).mean()
-    constant = alignment_loss(head(g_BE.mean(0, keepdim=True).expand_as(g_BE)), s_BD).mean()
+def alignment_baselines(
+    head: nn.Module, g_BE: torch.Tensor, s_BD: torch.Tensor, keep_B: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Alignment loss with shuffled (rolled) and with constant (batch-mean) signatures, weighted by
+    `keep_B` as the true loss is (default: every sample)."""
+    keep_B = torch.ones_like(s_BD[:, 0], dtype=torch.float32) if keep_B is None else keep_B
+    shuffled = (alignment_loss(head(g_BE.roll(1, dims=0)), s_BD) * keep_B).mean()
+    constant = (alignment_loss(head(g_BE.mean(0, keepdim=True).expand_as(g_BE)), s_BD) * keep_B).mean()
     return {"align_shuffled": shuffled, "align_constant": constant}

@@ -6,8 +6,11 @@ encoder) in code rather than YAML interpolation (DESIGN.md pitfall 16), or loads
 Qwen-Image checkpoint and checks those sizes against it (`load_transformer`); (2) installs the MoE
 layers (`surgery.install_moe`); (3) does Qwen-Image-Edit's conditioning: the reference image's
 tokens are appended after the noisy target tokens as a second RoPE frame, and the prediction is
-cut back to the target tokens; (4) tells the MoE layers which tokens are the generated image's,
-so only those form routing statistics and the signature (DESIGN.md pitfall 18).
+cut back to the target tokens; (4) tells the MoE layers which tokens count for routing statistics,
+the signature g and the balance loss (`routing_tokens`): the generated image's (DESIGN.md pitfall
+18), or every real image token, the reference's included, as the release's MegaBlocks balance
+loss counts every routed token. Blank reference frames (text-to-image samples, dropped
+references) never count.
 
 Every sample in a batch must share one token layout (diffusers builds RoPE from `img_shapes[0]`
 only), so text-to-image samples carry a blank (all-zero) reference frame.
@@ -18,6 +21,7 @@ Legend: B samples, T target tokens, R reference tokens, L text tokens, P token c
 from __future__ import annotations
 
 import inspect
+from typing import Literal
 
 from diffusers import QwenImageTransformer2DModel
 import torch
@@ -64,6 +68,7 @@ class QwenImageBackbone(nn.Module):
         upcycle_noise: float = 0.0,
         upcycle_reinit: float = 0.0,
         gradient_checkpointing: bool = False,
+        routing_tokens: Literal["target", "image"] = "target",
         seed: int = 0,
     ):
         """
@@ -88,6 +93,9 @@ class QwenImageBackbone(nn.Module):
             upcycle_noise: relative noise added to the experts copied from the dense FFN.
             upcycle_reinit: share of each expert's hidden units re-initialised after copying.
             gradient_checkpointing: recompute block activations in backward to save memory.
+            routing_tokens: the tokens that form g, the balance counts and routing statistics:
+                `target` (the generated image's) or `image` (target plus real reference tokens, as
+                the release's balance loss counts them). All tokens are routed either way.
             seed: seeds upcycling noise / re-init draws.
         """
         super().__init__()
@@ -108,13 +116,18 @@ class QwenImageBackbone(nn.Module):
             self.transformer = load_transformer(pretrained_path, given, implied, zero_cond_t)
         if gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
+        if routing_tokens not in ("target", "image"):
+            raise ValueError(f"routing_tokens='{routing_tokens}' is unknown; choose 'target' or 'image'.")
+        self.routing_tokens = routing_tokens
         if widen_tail != 1 and (moe or widen_tail < 1):
             raise ValueError(f"widen_tail={widen_tail} widens dense FFNs: it needs moe: null and an integer >= 1.")
         if widen_tail > 1:
             widen_ffns(self.transformer.transformer_blocks, moe_blocks, widen_tail)
         self.pretrained_path = pretrained_path
         self.upcycling = Upcycling(upcycle_noise, upcycle_reinit, seed)
-        self.moe_layers = install_moe(self.transformer.transformer_blocks, moe_blocks, moe, self.upcycling) if moe else []
+        self.moe_layers = install_moe(
+            self.transformer.transformer_blocks, moe_blocks, moe, self.upcycling, pretrained=pretrained_path is not None
+        ) if moe else []
 
     def rebuild_rope(self) -> bool:
         """Recompute RoPE's tables if they are on the meta device; True if it did.
@@ -145,6 +158,12 @@ class QwenImageBackbone(nn.Module):
         return [last.attn.to_add_out, last.txt_mlp]
 
     @property
+    def zero_cond_t(self) -> bool:
+        """Reference tokens modulated with t = 0 (Qwen-Image-Edit-2511), not with the target's noisy
+        timestep as the TAG-MoE release does (a checkpoint-identity fact: it changes every output)."""
+        return bool(self.transformer.config.get("zero_cond_t", False))
+
+    @property
     def blocks(self) -> nn.ModuleList:
         """The transformer blocks (what FSDP wraps and activation checkpointing re-runs)."""
         return self.transformer.transformer_blocks
@@ -171,6 +190,8 @@ class QwenImageBackbone(nn.Module):
             x_BSP = torch.cat([noisy_BTP, reference_BRP], dim=1)  # (B, T+R, P)
         token_mask_BS = torch.zeros(B, x_BSP.shape[1], dtype=torch.bool, device=x_BSP.device)
         token_mask_BS[:, :T] = True  # the generated image's tokens
+        if reference_BRP is not None and self.routing_tokens == "image":
+            token_mask_BS[:, T:] = (reference_BRP != 0).flatten(1).any(1, keepdim=True)  # blank frames are all zero
         for layer in self.moe_layers:
             layer.set_routing_inputs(token_mask_BS, context_BC)
         if text_mask_BL is not None and bool(text_mask_BL.all()):

@@ -35,6 +35,7 @@ def official_config(info: OfficialInfo) -> dict[str, Any]:
         "router": f"{LinearRouter.__module__}.{LinearRouter.__qualname__}",
         "expert_bias": False,
         "renormalize": False,
+        "zero_cond_t": False,  # the release modulates reference tokens with the target's noisy timestep
         "schema": schema.name if schema else None,
         "schema_fingerprint": schema.fingerprint if schema else None,
         "num_tags": schema.num_tags if schema else None,

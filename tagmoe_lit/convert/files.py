@@ -44,7 +44,8 @@ TAGMOE_CONFIG = "tagmoe_config.json"
 FORMAT = "tagmoe_lit.transformer/1"
 TRANSFORMER_PREFIX = "backbone.transformer."
 # facts a directory and a model must share (the schema is compared when both have a tag embedder)
-IDENTITY = ("num_layers", "moe_blocks", "num_experts", "top_k", "router", "expert_bias", "renormalize")
+IDENTITY = ("num_layers", "moe_blocks", "num_experts", "top_k", "router", "expert_bias", "renormalize", "zero_cond_t")
+LATER_IDENTITY = ("zero_cond_t",)  # compared when present: directories written before it was recorded lack it
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 FFN_KEYS = ("net.0.proj.weight", "net.0.proj.bias", "net.2.weight", "net.2.bias")  # diffusers' FeedForward (img_mlp)
 

@@ -19,6 +19,7 @@ import torch
 from tagmoe_lit.convert.files import (
     FFN_KEYS,
     IDENTITY,
+    LATER_IDENTITY,
     TAGMOE_CONFIG,
     TRANSFORMER_PREFIX,
     key_problems,
@@ -37,6 +38,9 @@ def import_class(dotted: str) -> type:
     """`package.module.Class` → the class."""
     module, _, name = dotted.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+_HINTS = {"zero_cond_t": " (set model.backbone.init_args.zero_cond_t as the directory says)"}
 
 
 def _kit_to_module_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -59,7 +63,8 @@ def transformer_dir_tensors(
     module.configure_model()
     want = module.state_dict() if want is None else want
     mine = model_identity(module)
-    problems = [f"{k}: directory {config.get(k)!r} vs model {mine[k]!r}" for k in IDENTITY if config.get(k) != mine[k]]
+    problems = [f"{k}: directory {config.get(k)!r} vs model {mine[k]!r}{_HINTS.get(k, '')}" for k in IDENTITY
+                if config.get(k) != mine[k] and (k in config or k not in LATER_IDENTITY)]
     if "tag_embedder" in config["components"] and module.tag_embedder is not None and config.get("schema_fingerprint") != mine["schema_fingerprint"]:
         problems.append(f"schema: directory {config.get('schema')!r} vs model {mine['schema']!r} (different tag vocabularies)")
     by_component = {c: {} for c in COMPONENTS}

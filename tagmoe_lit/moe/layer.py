@@ -29,7 +29,7 @@ to their next-best expert, weighted by that expert's own (unrenormalized) probab
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,7 @@ from tagmoe_lit.moe.stats import LayerRouting
 from tagmoe_lit.moe.upcycle import reset_tied_
 
 RouterFactory = Callable[[int, int], nn.Module]
+ExpertInit = Literal["independent", "tied"]
 
 
 class MoELayer(nn.Module):
@@ -56,8 +57,9 @@ class MoELayer(nn.Module):
         top_k: int = 1,
         router: RouterFactory = LinearRouter,
         dispatch: Dispatch = "auto",
-        expert_bias: bool = True,
+        expert_bias: bool = False,
         renormalize: bool = False,
+        expert_init: ExpertInit = "independent",
         debug_round_robin: bool = False,
     ):
         """
@@ -68,8 +70,13 @@ class MoELayer(nn.Module):
             top_k: experts per token K.
             router: router factory called as router(dim, num_experts).
             dispatch: expert backend: auto (grouped on CUDA, else sorted), sorted, grouped or loop.
-            expert_bias: give experts biases (needed to upcycle a biased FFN exactly; the release has none).
+            expert_bias: give experts biases (the release's have none; upcycling a biased FFN into
+                bias-free experts drops its biases, as the release does; true keeps them exactly).
             renormalize: for top_k > 1, make the K weights sum to 1.
+            expert_init: how experts start when no dense weights are loaded: `independent` draws
+                (MegaBlocks draws the whole expert tensor; symmetric experts stay symmetric under
+                top-1 routing for long), or `tied` copies of one fresh dense FFN (the kit's old
+                start, kept for ablation). A pretrained dense start always upcycles.
             debug_round_robin: route token n to expert n mod E, ruling routing out while debugging.
         """
         super().__init__()
@@ -78,10 +85,12 @@ class MoELayer(nn.Module):
             problems.append(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
         if dispatch not in ("auto", "sorted", "grouped", "loop"):
             problems.append(f"dispatch='{dispatch}' is unknown; choose 'auto', 'sorted', 'grouped' or 'loop'")
+        if expert_init not in ("independent", "tied"):
+            problems.append(f"expert_init='{expert_init}' is unknown; choose 'independent' or 'tied'")
         if problems:
             raise ValueError("MoELayer: " + "; ".join(problems) + ".")
         self.num_experts, self.top_k = num_experts, top_k
-        self.dispatch, self.renormalize = dispatch, renormalize
+        self.dispatch, self.renormalize, self.expert_init = dispatch, renormalize, expert_init
         self.debug_round_robin = debug_round_robin
         self.router = router(dim, num_experts)
         self.experts = StackedExperts(num_experts, dim, hidden, bias=expert_bias)
@@ -102,11 +111,12 @@ class MoELayer(nn.Module):
         return self._routing
 
     def reset_parameters(self) -> None:
-        """Start the experts as tied copies of one fresh dense FFN (`upcycle.reset_tied_`), as an eager
-        build's surgery starts them from the FFN it replaces. Materialization of a meta build runs
-        this after the children's inits; the constructor does not (it would draw from the global RNG
-        an eager build has not drawn from), so a layer built on its own keeps independent experts."""
-        reset_tied_(self.experts)
+        """The from-scratch init of `expert_init`, for materialization of a meta build (which runs
+        this after the children's inits, so `independent` experts are already drawn by
+        `StackedExperts.reset_parameters`, as in the constructor). `tied`: copies of one fresh dense
+        FFN (`upcycle.reset_tied_`), as an eager build's surgery copies the FFN it replaces."""
+        if self.expert_init == "tied":
+            reset_tied_(self.experts)
 
     def knockout(self, experts: tuple[int, ...] | list[int] = ()) -> None:
         """Never select these experts (expert-knockout analysis); `()` restores the layer."""

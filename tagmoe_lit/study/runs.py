@@ -3,7 +3,8 @@ fingerprint, and whether it is done (`load_done`).
 
 Run `variant` on seed `s` lives in `<out>/<variant>/seed<s>/` and is done when its `done.json` holds
 the fingerprint of its current resolved config (or, for runs finished before issue 14 reshaped the
-configs, the fingerprint of the same config in its earlier form: `legacy_config`). `runner.py`
+configs, the fingerprint of the same config in its earlier form: `legacy_config`; a config that
+issue 16's new defaults make compute something else has no earlier form). `runner.py`
 trains runs into these folders and `report.py` reads the finished ones: both import this file, and
 the report never imports the runner (which imports the report). `_seeded` (a run's arguments) is a
 study-internal helper that `runner.py` shares.
@@ -83,12 +84,36 @@ LEGACY_ADAMW = {"eps": 1e-08, "amsgrad": False, "maximize": False, "foreach": No
                 "differentiable": False, "fused": None}  # what the old module left at torch's defaults
 
 
+# Issue 16 added options that change what a run computes; their values in the earlier kit:
+ISSUE16_EARLIER = {"routing_tokens": "target", "expert_init": "tied", "align_dropped_text": True}
+
+
+def _strip_issue16(model: dict) -> bool:
+    """Remove the options issue 16 added from a resolved model config; False when one of them departs
+    from the earlier kit's behaviour where it matters (routing and init with MoE layers, alignment
+    with a tag embedder too; none of them in a dense model)."""
+    backbone = model["backbone"]["init_args"]
+    moe = backbone.get("moe")
+    found = {"routing_tokens": backbone.pop("routing_tokens", "target"),
+             "align_dropped_text": model.pop("align_dropped_text", True)}
+    if not moe:
+        return True
+    found["expert_init"] = moe["init_args"].pop("expert_init", "tied")
+    if not model.get("tag_embedder"):
+        found["align_dropped_text"] = True  # no alignment: the option cannot matter
+    return found == ISSUE16_EARLIER
+
+
 def legacy_config(config: str) -> str | None:
     """`config` (a resolved config dump) as the kit wrote it before issue 14, or None when no run of
-    that kit could have had it (another optimizer or non-default AdamW options, FSDP2 options)."""
+    that kit could have had it (another optimizer or non-default AdamW options, FSDP2 options, or
+    issue 16's options away from the earlier behaviour: independent experts, `image` routing tokens,
+    unaligned text-dropped samples; its new default `expert_bias: false` differs in the dump itself)."""
     header, _, body = config.partition("\n")
     tree = yaml.safe_load(body)
     model = tree["model"]
+    if not _strip_issue16(model):
+        return None
     optimizer = model.get("optimizer") or {}
     options = dict(optimizer.get("init_args") or {})
     old = {k: options.pop(k, None) for k in ("lr", "weight_decay", "betas")}
