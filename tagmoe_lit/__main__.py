@@ -11,6 +11,8 @@ at once and `params --help` does not wait for Lightning. Every command takes `--
 - `cache`: fill the text-embedding and latent caches for a manifest config ahead of training
   (`tagmoe_lit/data/build_cache.py`);
 - `params`: total vs active parameters, full Qwen-Image or a config's backbone (`tagmoe_lit/params.py`);
+- `plan`: one training step of a config on fake tensors and a fake process group: per-rank memory,
+  FLOPs, collective bytes, host RAM and step time, checked against closed forms (`tagmoe_lit/plan/`);
 - `knockout`: `test` with each expert removed from every MoE layer in turn (`tagmoe_lit/knockout.py`);
 - `study`: the ablation study — train, test and compare every run of a preset, resumably
   (`tagmoe_lit/study/runner.py`);
@@ -69,6 +71,7 @@ COMMANDS: dict[str, tuple[str, Callable[[], Main]]] = {
     "annotate": ("tag a JSONL manifest (rules or a local Qwen2.5-VL), or compare two annotations", _entry("tagmoe_lit.tags.annotators.run")),
     "cache": ("fill the text-embedding and latent caches of a manifest config ahead of training", _entry("tagmoe_lit.data.build_cache")),
     "params": ("total vs active parameters of full Qwen-Image or of a config's backbone, on the meta device", _entry("tagmoe_lit.params")),
+    "plan": ("one training step's per-rank memory, FLOPs, collectives and time on fake tensors, without a GPU", _entry("tagmoe_lit.plan.cli")),
     "knockout": ("test a checkpoint with each expert removed from every MoE layer in turn", _entry("tagmoe_lit.knockout")),
     "study": ("the ablation study: train, test and compare every run of a preset, resumably", _entry("tagmoe_lit.study.runner")),
     "convert": ("official release weights into the kit (official), a checkpoint out to diffusers layout (export)", _entry("tagmoe_lit.convert.cli")),

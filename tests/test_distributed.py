@@ -108,3 +108,24 @@ def test_meta_init_allocates_nothing_and_trains_after_per_module_materialization
     no = torch.zeros(4, dtype=torch.bool)
     loss = module.loss_terms(batch, torch.full((4,), 0.5), torch.randn_like(x0), no, no)["loss"]
     assert torch.isfinite(loss) and not module.backbone.transformer.pos_embed.pos_freqs.is_meta
+
+
+def test_sharded_backbone_runs_forward_without_autocast_weight_cache():
+    """Autocast keeps every cast weight until its region ends; FSDP2's gathered parameters are such
+    weights, so `wrap_model` turns the cache off for the backbone's forward (and restores it after)."""
+    from tagmoe_lit.distributed.wrap import without_autocast_cache
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.is_autocast_cache_enabled())
+            return x
+
+    probe = Probe()
+    without_autocast_cache(probe)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.is_autocast_cache_enabled()
+        probe(torch.ones(1))
+        assert torch.is_autocast_cache_enabled()
+    assert seen == [False]

@@ -426,3 +426,17 @@ def test_routing_tokens_count_target_or_every_real_image_token(routing_tokens):
     assert routing.top1_counts_BE.sum(1).tolist() == ([T, 2 * T] if routing_tokens == "image" else [T, T])
     with pytest.raises(ValueError, match="routing_tokens='all' is unknown; choose 'target' or 'image'"):
         QwenImageBackbone(12, 2, 3, 24, moe=MoELayer, routing_tokens="all")
+
+
+def test_auto_dispatch_is_grouped_only_where_its_cuda_kernel_runs():
+    """`_grouped_mm`'s CUDA kernel takes bf16/fp16 only (its meta check, run here on fake CUDA tensors, mirrors
+    it): fp32 on CUDA and everything on CPU take the sorted backend."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer = MoELayer(16, 64)
+    assert layer._backend(torch.empty(4, 16)) == "sorted"
+    with FakeTensorMode():
+        cuda = torch.empty(4, 16, device="cuda")
+        assert layer._backend(cuda) == "sorted" and layer._backend(cuda.bfloat16()) == "grouped"
+        with pytest.raises(RuntimeError, match="Expected mat_a to be BFloat16"):
+            torch._grouped_mm(cuda, torch.empty(2, 16, 8, device="cuda"), offs=torch.tensor([2, 4], device="cuda", dtype=torch.int32))

@@ -284,3 +284,13 @@ def test_runs_finished_before_the_config_reshape_are_recognised_and_migrated(tmp
     migrated = json.loads((tmp_path / "done.json").read_text())
     assert migrated["fingerprint"] == keys[name].current and migrated["migrated_from"] == recorded[name]
     assert load_done(tmp_path, RunKey("another")) is None
+
+
+@pytest.mark.parametrize("name", ["fidelity"])
+def test_a_screening_preset_resolves_every_run_to_a_distinct_config(name, monkeypatch):
+    """Presets other than cpu/gpu (run by the smoke tests above) must at least compose: every run's config
+    chain resolves, and no two runs share a fingerprint (a variant that changes nothing would)."""
+    monkeypatch.chdir(ROOT)
+    preset = Preset.load(ROOT / f"experiments/study/{name}.yaml", root=ROOT)
+    runs = preset.runs()
+    assert len({fingerprint(r, [], preset.curves).current for r in runs}) == len(runs) == 12

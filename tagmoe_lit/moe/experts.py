@@ -7,7 +7,7 @@ Backends (all drop no token and give the same answer, tested against the loop):
   sorted   tokens sorted by expert, split into contiguous slices, one matmul pair per expert.
   grouped  the same sorted tokens through `torch._grouped_mm` with cumulative offsets: one kernel
            for all experts (no per-expert launch, no host sync for split sizes); runs on CPU too.
-  auto     grouped on CUDA, sorted elsewhere.
+  auto     grouped on CUDA in bf16/fp16 (its CUDA kernel takes no fp32), sorted elsewhere.
 
 Every expert's weights are slices of one parameter per matrix, so every expert takes part in
 forward and backward on every step even with zero tokens (an idle expert's slice gets a zero

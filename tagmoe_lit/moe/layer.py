@@ -69,7 +69,7 @@ class MoELayer(nn.Module):
             num_experts: number of experts E.
             top_k: experts per token K.
             router: router factory called as router(dim, num_experts).
-            dispatch: expert backend: auto (grouped on CUDA, else sorted), sorted, grouped or loop.
+            dispatch: expert backend: auto (grouped on CUDA in bf16/fp16, else sorted), sorted, grouped or loop.
             expert_bias: give experts biases (the release's have none; upcycling a biased FFN into
                 bias-free experts drops its biases, as the release does; true keeps them exactly).
             renormalize: for top_k > 1, make the K weights sum to 1.
@@ -162,15 +162,19 @@ class MoELayer(nn.Module):
 
     # -- 2-4. sort, experts, combine ----------------------------------------------------------
     def _backend(self, x: torch.Tensor) -> str:
-        if self.dispatch == "auto":
-            return "grouped" if x.is_cuda else "sorted"
-        return self.dispatch
+        """`auto`: grouped where its CUDA kernel runs (bf16/fp16 tokens, or inside bf16/fp16 autocast:
+        `forward_grouped` casts), sorted elsewhere (CPU, fp32 on CUDA)."""
+        if self.dispatch != "auto":
+            return self.dispatch
+        half = (torch.bfloat16, torch.float16)
+        autocast_half = torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) in half
+        return "grouped" if x.is_cuda and (x.dtype in half or autocast_half) else "sorted"
 
     def _mix_sorted(self, x_ND: torch.Tensor, scores_NK: torch.Tensor, idx_NK: torch.Tensor, grouped: bool) -> torch.Tensor:
         N, D = x_ND.shape
         idx_M = idx_NK.reshape(-1)
         order_M = torch.argsort(idx_M, stable=True)  # assignment positions grouped by expert
-        counts_E = torch.bincount(idx_M, minlength=self.num_experts)
+        counts_E = F.one_hot(idx_M, self.num_experts).sum(0)  # static shape [E] (bincount's is data-dependent)
         x_MD = x_ND.index_select(0, order_M // self.top_k)
         run = self.experts.forward_grouped if grouped else self.experts.forward_sorted
         y_MD = run(x_MD, counts_E)

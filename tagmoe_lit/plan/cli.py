@@ -1,0 +1,151 @@
+"""`python -m tagmoe_lit plan --config …`: one training step's per-rank cost, planned without a GPU.
+
+    python -m tagmoe_lit plan --config experiments/base.yaml --trainer.precision bf16-mixed
+    python -m tagmoe_lit plan --config experiments/base.yaml --config experiments/model/qwen_image.yaml \
+        --config experiments/strategy/fsdp2.yaml --world_size 8 --micro_batch 1 --image_size 1024 1024
+
+The configured model runs one whole step (all three losses, backward, optimizer step, activation
+checkpointing as the strategy says) on fake tensors over a fake process group (`step.py`,
+`fake.py`). It prints rank 0's memory by kind, the step's FLOPs, FSDP2's collective bytes, the
+host RAM that starting weights and consolidation need, and step times on an H100 / H200 at a
+stated MFU. Every measured figure that has a closed form (`closed_form.py`) is printed beside it,
+and a plan that silently ran fp32, another dispatch or uncounted experts is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from typing import Any
+
+from tagmoe_lit.plan.closed_form import HBM, sharded_bytes, step_flops, step_seconds
+from tagmoe_lit.plan.step import Measured, PlanError, Setup, run_step, setup, shapes
+
+GIB = 2**30
+OPTIMIZER_STATE_BYTES = {  # per trainable element (fp32 parameters): what each optimizer keeps
+    "torch.optim.AdamW": 8, "torch.optim.Adam": 8, "tagmoe_lit.optim.AdamW": 8, "torch.optim.SGD": 0,
+}
+
+
+def plan(config_args: list[str], world_size: int | None = None, micro_batch: int | None = None,
+         image_hw: tuple[int, int] | None = None, text_tokens: int = 256, mfu: float = 0.4) -> dict[str, Any]:
+    """The plan of one step as plain data (what `--json` prints)."""
+    s = setup(config_args, world_size, micro_batch, image_hw, text_tokens)
+    measured = run_step(s)
+    guard(s, measured)
+    return summarize(s, measured, mfu)
+
+
+def guard(s: Setup, m: Measured) -> None:
+    """Refuse a plan whose step did not run as the GPU step would."""
+    problems = []
+    half = s.precision.startswith(("bf16", "16"))
+    if half and any(d == "float32" for d in m.moe_dtypes):
+        problems.append(f"the MoE layers received {m.moe_dtypes} tokens under {s.precision} (autocast did not apply)")
+    if s.module.moe_layers and m.expert_flops == 0:
+        problems.append("the experts counted 0 FLOPs (the grouped GEMM was not counted)")
+    if m.attention_ops and not any("flash" in op or "efficient" in op for op in m.attention_ops):
+        problems.append(f"attention ran {m.attention_ops}, not CUDA's flash / memory-efficient kernel")
+    if problems:
+        raise PlanError("The planned step is not the GPU step: " + "; ".join(problems) + ".")
+
+
+def summarize(s: Setup, m: Measured, mfu: float) -> dict[str, Any]:
+    W = s.world_size
+    sh = shapes(s)
+    closed = step_flops(sh)
+    tracked = m.tracked  # what the memory tracker covers (under FSDP2: the backbone, its root)
+    trainable = [p for p in tracked if p.requires_grad]
+    state_bytes = OPTIMIZER_STATE_BYTES.get(s.optimizer)
+    optimized = trainable + m.untracked  # the tracker sees the optimizer's states of every parameter
+    steps = 4 * len(optimized) if state_bytes else 0  # torch's Adam keeps one fp32 step count per parameter
+    total_params = sum(p.numel() for p in s.module.parameters())
+    backbone_params = sum(p.numel() for p in s.module.backbone.parameters())
+    all_gather, reduce_scatter = sum(m.all_gather_bytes), sum(m.reduce_scatter_bytes)
+    ring = (W - 1) / W if W > 1 else 0.0  # bytes a rank sends (and receives) per byte of a ring collective's buffer
+    comm = ring * (all_gather + reduce_scatter)
+    memory = {k: v for k, v in m.peak.items() if k != "Total"}
+    return {
+        "config": {"world_size": W, "micro_batch": s.micro_batch, "image_hw": list(s.image_hw),
+                   "text_tokens": s.text_tokens, "precision": s.precision, "optimizer": s.optimizer,
+                   "activation_checkpointing": sh.checkpointing, "shapes": asdict(sh)},
+        "parameter_count": {"backbone": backbone_params, "alignment": total_params - backbone_params},
+        "memory_bytes": {
+            "parameters": _kind(m.after_step, "Param"), "gradients": _kind(m.after_step, "Grad"),
+            "optimizer_state": _kind(m.after_step, "Optstate"), "peak_by_kind": memory, "peak": m.peak.get("Total", 0),
+            "saved_for_backward": m.forward_end.get("Activation", 0),
+        },
+        "closed_form_bytes": {
+            "parameters": sharded_bytes(tracked, W, 4),
+            "gradients": sharded_bytes(trainable, W, 4),
+            "optimizer_state": None if state_bytes is None else sharded_bytes(optimized, W, state_bytes) + steps,
+        },
+        "untracked_bytes": sharded_bytes(m.untracked, W, 4 + 4),  # their parameters and gradients
+        "flops": {"measured": m.flops, "closed_form": closed["total"], "experts": m.expert_flops, **closed},
+        "collective_bytes": {"all_gather_buffers": all_gather, "reduce_scatter_buffers": reduce_scatter,
+                             "calls": [len(m.all_gather_bytes), len(m.reduce_scatter_bytes)], "sent_per_rank": comm},
+        "host_ram_bytes": {
+            "start_from_weights": total_params * 2,  # rank 0 reads the bf16 release once, then broadcasts
+            "consolidation": total_params * (4 + (state_bytes or 0)),  # every shard gathered: fp32 weights + states
+        },
+        "step_seconds": {f"{gpu} at MFU {mfu}": step_seconds(m.flops, mfu, comm, W) for gpu in HBM},
+        "fits": {gpu: m.peak.get("Total", 0) <= hbm * 0.95 for gpu, hbm in HBM.items()},
+        "checks": {"moe_input_dtypes": sorted(set(m.moe_dtypes)), "attention": m.attention_ops},
+    }
+
+
+def _kind(snapshot: dict[str, int], word: str) -> int:
+    """Bytes of the tracker categories whose name holds `word` (FSDP's sharded + unsharded, or MemTracker's one)."""
+    names = {"Param": ("Parameter", "Sharded Param"), "Grad": ("Gradient", "Sharded Grad"), "Optstate": ("Optstate", "OptState")}
+    return sum(snapshot.get(k, 0) for k in names[word])
+
+
+def table(p: dict[str, Any]) -> str:
+    """The plan as Markdown: rank 0's memory, then FLOPs, collectives, host RAM and step times."""
+    c, mem, cf, fl = p["config"], p["memory_bytes"], p["closed_form_bytes"], p["flops"]
+    unit, scale = ("GiB", GIB) if mem["peak"] >= GIB else ("MiB", 2**20)
+    g = lambda b: "–" if b is None else f"{b / scale:.3f}"  # noqa: E731
+    lines = [
+        f"plan: {c['world_size']} rank(s), micro-batch {c['micro_batch']}, {c['image_hw'][0]}×{c['image_hw'][1]} px, "
+        f"{c['text_tokens']} text tokens, {c['precision']}, {c['optimizer']}, "
+        f"activation checkpointing {'on' if c['activation_checkpointing'] else 'off'}",
+        "",
+        f"| rank 0 memory | {unit} | closed form |", "|---|---|---|",
+        f"| parameters | {g(mem['parameters'])} | {g(cf['parameters'])} |",
+        f"| gradients | {g(mem['gradients'])} | {g(cf['gradients'])} |",
+        f"| optimizer state | {g(mem['optimizer_state'])} | {g(cf['optimizer_state'])} |",
+        f"| activations saved for backward (end of forward) | {g(mem['saved_for_backward'])} | |",
+        *[f"| at peak: {k} | {g(v)} | |" for k, v in mem["peak_by_kind"].items()],
+        f"| **peak total** | **{g(mem['peak'])}** | |",
+        *([f"| + tag embedder and head: parameters, gradients (own FSDP roots, not tracked) | | {g(p['untracked_bytes'])} |"]
+          if p["untracked_bytes"] else []),
+        "",
+        f"FLOPs per step and rank: {fl['measured']:.4g} (closed form {fl['closed_form']:.4g}; experts {fl['experts']:.4g})",
+        f"collectives per step: all-gather buffers {g(p['collective_bytes']['all_gather_buffers'])} {unit}, reduce-scatter "
+        f"{g(p['collective_bytes']['reduce_scatter_buffers'])} {unit}; sent per rank {g(p['collective_bytes']['sent_per_rank'])} {unit}",
+        f"host RAM: start from weights (rank 0) {g(p['host_ram_bytes']['start_from_weights'])} {unit}, "
+        f"consolidation {g(p['host_ram_bytes']['consolidation'])} {unit}",
+    ]
+    for gpu, t in p["step_seconds"].items():
+        fits = "fits" if p["fits"][gpu.split()[0]] else "does NOT fit"
+        lines.append(f"{gpu}: compute {t['compute_s']:.4g} s, collectives {t['comm_s']:.4g} s, step "
+                     f"{t['overlapped_s']:.4g} s overlapped / {t['serial_s']:.4g} s serial; peak {fits}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m tagmoe_lit plan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", action="append", required=True, help="kit YAML (repeat to compose, as for fit)")
+    parser.add_argument("--world_size", type=int, help="ranks (default: trainer.devices × num_nodes)")
+    parser.add_argument("--micro_batch", type=int, help="samples per rank and step (default: the data's batch_size)")
+    parser.add_argument("--image_size", type=int, nargs=2, metavar=("H", "W"), help="default: the data's image size")
+    parser.add_argument("--text_tokens", type=int, default=256, help="unpadded instruction tokens per sample (256)")
+    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization for the step time (0.4)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    args, overrides = parser.parse_known_args(argv)
+    config_args = [a for c in args.config for a in ("--config", c)] + overrides
+    result = plan(config_args, args.world_size, args.micro_batch, tuple(args.image_size) if args.image_size else None,
+                  args.text_tokens, args.mfu)
+    print(json.dumps(result, indent=1) if args.json else table(result))
+    return result
