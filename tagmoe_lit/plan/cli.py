@@ -54,7 +54,7 @@ def guard(s: Setup, m: Measured) -> None:
 def summarize(s: Setup, m: Measured, mfu: float) -> dict[str, Any]:
     W = s.world_size
     sh = shapes(s)
-    closed = step_flops(sh)
+    closed = step_flops(sh) if s.module.trainable == "all" else {}  # the closed form assumes everything learns
     tracked = m.tracked  # what the memory tracker covers (under FSDP2: the backbone, its root)
     trainable = [p for p in tracked if p.requires_grad]
     state_bytes = OPTIMIZER_STATE_BYTES.get(s.optimizer)
@@ -82,7 +82,7 @@ def summarize(s: Setup, m: Measured, mfu: float) -> dict[str, Any]:
             "optimizer_state": None if state_bytes is None else sharded_bytes(optimized, W, state_bytes) + steps,
         },
         "untracked_bytes": sharded_bytes(m.untracked, W, 4 + 4),  # their parameters and gradients
-        "flops": {"measured": m.flops, "closed_form": closed["total"], "experts": m.expert_flops, **closed},
+        "flops": {"measured": m.flops, "closed_form": closed.get("total"), "experts": m.expert_flops, **closed},
         "collective_bytes": {"all_gather_buffers": all_gather, "reduce_scatter_buffers": reduce_scatter,
                              "calls": [len(m.all_gather_bytes), len(m.reduce_scatter_bytes)], "sent_per_rank": comm},
         "host_ram_bytes": {
@@ -121,7 +121,8 @@ def table(p: dict[str, Any]) -> str:
         *([f"| + tag embedder and head: parameters, gradients (own FSDP roots, not tracked) | | {g(p['untracked_bytes'])} |"]
           if p["untracked_bytes"] else []),
         "",
-        f"FLOPs per step and rank: {fl['measured']:.4g} (closed form {fl['closed_form']:.4g}; experts {fl['experts']:.4g})",
+        f"FLOPs per step and rank: {fl['measured']:.4g} (closed form "
+        f"{'n/a: not everything learns' if fl['closed_form'] is None else format(fl['closed_form'], '.4g')}; experts {fl['experts']:.4g})",
         f"collectives per step: all-gather buffers {g(p['collective_bytes']['all_gather_buffers'])} {unit}, reduce-scatter "
         f"{g(p['collective_bytes']['reduce_scatter_buffers'])} {unit}; sent per rank {g(p['collective_bytes']['sent_per_rank'])} {unit}",
         f"host RAM: start from weights (rank 0) {g(p['host_ram_bytes']['start_from_weights'])} {unit}, "
