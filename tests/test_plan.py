@@ -138,3 +138,21 @@ def test_full_size_qwen_image_plans_on_8_ranks():
     assert p["parameter_count"]["backbone"] == 22_695_294_528
     assert p["host_ram_bytes"]["start_from_weights"] == 2 * sum(p["parameter_count"].values())
     assert abs(p["flops"]["measured"] - p["flops"]["closed_form"]) <= 0.02 * p["flops"]["closed_form"]
+
+
+def test_8bit_adamw_state_closed_form_equals_bitsandbytes_real_states():
+    """bitsandbytes' kernels read data, so a plan cannot run them on fake tensors: its states come from
+    the closed form, checked here against a real AdamW8bit step on the tiny model's parameters."""
+    import bitsandbytes as bnb
+    import torch
+
+    from tagmoe_lit.plan.closed_form import optimizer_state_bytes
+
+    params = [torch.nn.Parameter(torch.randn(p.shape)) for p in _built().parameters() if p.requires_grad]
+    optimizer = bnb.optim.AdamW8bit(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    real = sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+               if torch.is_tensor(t) and t.data_ptr() not in {q.data_ptr() for q in (optimizer.name2qmap.values())})
+    assert optimizer_state_bytes("bitsandbytes.optim.AdamW8bit", params, 1) == real

@@ -19,13 +19,10 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from tagmoe_lit.plan.closed_form import HBM, sharded_bytes, step_flops, step_seconds
+from tagmoe_lit.plan.closed_form import HBM, optimizer_state_bytes, sharded_bytes, step_flops, step_seconds
 from tagmoe_lit.plan.step import Measured, PlanError, Setup, run_step, setup, shapes
 
 GIB = 2**30
-OPTIMIZER_STATE_BYTES = {  # per trainable element (fp32 parameters): what each optimizer keeps
-    "torch.optim.AdamW": 8, "torch.optim.Adam": 8, "tagmoe_lit.optim.AdamW": 8, "torch.optim.SGD": 0,
-}
 
 
 def plan(config_args: list[str], world_size: int | None = None, micro_batch: int | None = None,
@@ -57,9 +54,12 @@ def summarize(s: Setup, m: Measured, mfu: float) -> dict[str, Any]:
     closed = step_flops(sh) if s.module.trainable == "all" else {}  # the closed form assumes everything learns
     tracked = m.tracked  # what the memory tracker covers (under FSDP2: the backbone, its root)
     trainable = [p for p in tracked if p.requires_grad]
-    state_bytes = OPTIMIZER_STATE_BYTES.get(s.optimizer)
     optimized = trainable + m.untracked  # the tracker sees the optimizer's states of every parameter
-    steps = 4 * len(optimized) if state_bytes else 0  # torch's Adam keeps one fp32 step count per parameter
+    states = optimizer_state_bytes(s.optimizer, optimized, W)
+    measured_states = _kind(m.after_step, "Optstate")
+    peak = m.peak.get("Total", 0)
+    if m.optimizer_stand_in:  # its states never existed on fake tensors: add the closed form at the peak
+        measured_states, peak = states, peak + states
     total_params = sum(p.numel() for p in s.module.parameters())
     backbone_params = sum(p.numel() for p in s.module.backbone.parameters())
     all_gather, reduce_scatter = sum(m.all_gather_bytes), sum(m.reduce_scatter_bytes)
@@ -73,13 +73,13 @@ def summarize(s: Setup, m: Measured, mfu: float) -> dict[str, Any]:
         "parameter_count": {"backbone": backbone_params, "alignment": total_params - backbone_params},
         "memory_bytes": {
             "parameters": _kind(m.after_step, "Param"), "gradients": _kind(m.after_step, "Grad"),
-            "optimizer_state": _kind(m.after_step, "Optstate"), "peak_by_kind": memory, "peak": m.peak.get("Total", 0),
+            "optimizer_state": measured_states, "peak_by_kind": memory, "peak": peak,
             "saved_for_backward": m.forward_end.get("Activation", 0),
         },
         "closed_form_bytes": {
             "parameters": sharded_bytes(tracked, W, 4),
             "gradients": sharded_bytes(trainable, W, 4),
-            "optimizer_state": None if state_bytes is None else sharded_bytes(optimized, W, state_bytes) + steps,
+            "optimizer_state": states,
         },
         "untracked_bytes": sharded_bytes(m.untracked, W, 4 + 4),  # their parameters and gradients
         "flops": {"measured": m.flops, "closed_form": closed.get("total"), "experts": m.expert_flops, **closed},
@@ -87,11 +87,12 @@ def summarize(s: Setup, m: Measured, mfu: float) -> dict[str, Any]:
                              "calls": [len(m.all_gather_bytes), len(m.reduce_scatter_bytes)], "sent_per_rank": comm},
         "host_ram_bytes": {
             "start_from_weights": total_params * 2,  # rank 0 reads the bf16 release once, then broadcasts
-            "consolidation": total_params * (4 + (state_bytes or 0)),  # every shard gathered: fp32 weights + states
+            "consolidation": total_params * 4 + (optimizer_state_bytes(s.optimizer, optimized, 1) or 0),  # all shards gathered
         },
         "step_seconds": {f"{gpu} at MFU {mfu}": step_seconds(m.flops, mfu, comm, W) for gpu in HBM},
-        "fits": {gpu: m.peak.get("Total", 0) <= hbm * 0.95 for gpu, hbm in HBM.items()},
-        "checks": {"moe_input_dtypes": sorted(set(m.moe_dtypes)), "attention": m.attention_ops},
+        "fits": {gpu: peak <= hbm * 0.95 for gpu, hbm in HBM.items()},
+        "checks": {"moe_input_dtypes": sorted(set(m.moe_dtypes)), "attention": m.attention_ops,
+                   "optimizer_states": "closed form (cannot run on fake tensors)" if m.optimizer_stand_in else "measured"},
     }
 
 
@@ -114,7 +115,7 @@ def table(p: dict[str, Any]) -> str:
         f"| rank 0 memory | {unit} | closed form |", "|---|---|---|",
         f"| parameters | {g(mem['parameters'])} | {g(cf['parameters'])} |",
         f"| gradients | {g(mem['gradients'])} | {g(cf['gradients'])} |",
-        f"| optimizer state | {g(mem['optimizer_state'])} | {g(cf['optimizer_state'])} |",
+        f"| optimizer state ({p['checks']['optimizer_states']}) | {g(mem['optimizer_state'])} | {g(cf['optimizer_state'])} |",
         f"| activations saved for backward (end of forward) | {g(mem['saved_for_backward'])} | |",
         *[f"| at peak: {k} | {g(v)} | |" for k, v in mem["peak_by_kind"].items()],
         f"| **peak total** | **{g(mem['peak'])}** | |",

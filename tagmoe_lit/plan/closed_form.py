@@ -102,3 +102,24 @@ def step_seconds(flops: float, mfu: float, comm_bytes: float, world: int, per_no
     bandwidth = NVLINK_BYTES_S if world <= per_node else NETWORK_BYTES_S
     comm = comm_bytes / bandwidth if world > 1 else 0.0
     return {"compute_s": compute, "comm_s": comm, "overlapped_s": max(compute, comm), "serial_s": compute + comm}
+
+
+BNB_BLOCK, BNB_MIN_8BIT = 256, 4096  # bitsandbytes' blockwise 8-bit states: block size, smallest 8-bit tensor
+
+
+def optimizer_state_bytes(optimizer: str, parameters: list[nn.Parameter], world: int) -> int | None:
+    """Bytes per rank of the optimizer's states for `parameters` sharded over `world` ranks (None: unknown
+    optimizer). torch's Adam(W): two fp32 moments and one fp32 step count per parameter; bitsandbytes'
+    8-bit Adam(W): two uint8 moments plus one fp32 absmax per 256-element block each, fp32 moments for
+    tensors under 4096 elements; SGD without momentum: none."""
+    if optimizer in ("torch.optim.AdamW", "torch.optim.Adam", "tagmoe_lit.optim.AdamW"):
+        return sharded_bytes(parameters, world, 8) + 4 * len(parameters)
+    if optimizer in ("bitsandbytes.optim.AdamW8bit", "bitsandbytes.optim.PagedAdamW8bit"):
+        total = 0
+        for p in parameters:
+            n = shard_numel(p.shape, world)
+            total += 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK) if p.numel() >= BNB_MIN_8BIT else 8 * n
+        return total
+    if optimizer == "torch.optim.SGD":
+        return 0
+    return None

@@ -59,6 +59,7 @@ class Measured:
     moe_dtypes: list[str] = field(default_factory=list)  # dtype of the tokens each MoE layer received
     attention_ops: list[str] = field(default_factory=list)
     forward_end: dict[str, int] = field(default_factory=dict)  # the same when forward ends (saved activations)
+    optimizer_stand_in: bool = False  # a state-free SGD ran in place of an optimizer fake tensors cannot run
     tracked: list[nn.Parameter] = field(default_factory=list)  # what the memory tracker covers (shapes only after)
     untracked: list[nn.Parameter] = field(default_factory=list)  # trainable parameters outside it (FSDP2: tag embedder, head)
 
@@ -234,7 +235,9 @@ def run_step(s: Setup) -> Measured:
                 part.to_empty(device="cpu")
             m.backbone.rebuild_rope()
             batch = _batch(s)
-            optimizer = m.optimizer_factory([p for p in m.parameters() if p.requires_grad])
+            trainable = [p for p in m.parameters() if p.requires_grad]
+            stand_in = s.optimizer.startswith("bitsandbytes.")  # its kernels read data: states in closed form
+            optimizer = torch.optim.SGD(trainable, lr=0.0) if stand_in else m.optimizer_factory(trainable)
             if sharded:  # the backbone is the FSDP root; the tag embedder and head are their own small roots
                 tracker = frozen_safe(FSDPMemTracker)(m.backbone, optimizer)
                 tracker.track_external(*parts[1:])
@@ -262,6 +265,7 @@ def run_step(s: Setup) -> Measured:
         flops=flops.get_total_flops(), expert_flops=int(counts.get(torch.ops.aten._grouped_mm, 0)),
         all_gather_bytes=log.all_gather, reduce_scatter_bytes=log.reduce_scatter, moe_dtypes=seen,
         attention_ops=sorted(str(op).replace("aten.", "") for op in counts if "attention" in str(op)),
+        optimizer_stand_in=stand_in,
         tracked=list((m.backbone if sharded else m).parameters()),
         untracked=[p for part in parts[1:] for p in part.parameters() if p.requires_grad] if sharded else [],
     )
