@@ -119,6 +119,8 @@ def test_bad_plans_are_refused_in_one_sentence(capsys):
         plan(BASE, image_hw=(18, 16))
     with pytest.raises(PlanError, match="runs the sorted backend for fp32 on CUDA"):
         plan(BASE[:2])  # base.yaml trains in 32-true
+    with pytest.raises(PlanError, match="2 ranks without FSDP2: under DDP every rank holds what one does"):
+        plan(BASE, world_size=2)
     with pytest.raises(PlanError, match="plan follows FSDP2"):
         plan(BASE + ["--config", str(ROOT / "experiments/strategy/fsdp.yaml")], world_size=2)
 

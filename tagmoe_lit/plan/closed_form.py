@@ -84,10 +84,12 @@ def step_flops(s: Shapes) -> dict[str, int]:
 
 
 def shard_numel(shape: torch.Size | tuple[int, ...], world: int) -> int:
-    """Elements of one rank's FSDP2 shard: dim 0 split in ceil(dim0 / W) rows (the last ranks padded)."""
+    """Elements of one rank's FSDP2 shard: the split dim (`distributed.fsdp2.shard_placement`: dim 0,
+    or the longest dim when dim 0 has fewer rows than ranks) cut in ceil(n / W) (the last ranks padded)."""
     if not shape:
         return 1
-    return math.ceil(shape[0] / world) * math.prod(shape[1:])
+    dim = 0 if len(shape) < 2 or shape[0] >= world else max(range(len(shape)), key=lambda d: shape[d])
+    return math.ceil(shape[dim] / world) * math.prod(shape) // shape[dim]
 
 
 def sharded_bytes(parameters: list[nn.Parameter], world: int, bytes_per_element: int) -> int:

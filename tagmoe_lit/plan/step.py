@@ -67,7 +67,7 @@ class Measured:
 def setup(config_args: list[str], world_size: int | None, micro_batch: int | None,
           image_hw: tuple[int, int] | None, text_tokens: int) -> Setup:
     """Parse the config chain as `fit` does and build its module on the meta device with stub encoders."""
-    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
     from tagmoe_lit.cli import ParseOnly
 
@@ -83,11 +83,14 @@ def setup(config_args: list[str], world_size: int | None, micro_batch: int | Non
     if isinstance(strategy, FSDPStrategy):
         raise PlanError("plan follows FSDP2 (experiments/strategy/fsdp2.yaml); FSDP1's flat parameters have no "
                         "per-rank memory tracker in torch, so use the FSDP2 strategy to plan.")
+    devices = (trainer.devices if isinstance(trainer.devices, int) else 1) * (trainer.num_nodes or 1)
+    if (world_size or devices) > 1 and not isinstance(strategy, ModelParallelStrategy):
+        raise PlanError(f"{world_size or devices} ranks without FSDP2: under DDP every rank holds what one does, so plan "
+                        "it with --world_size 1, or add experiments/strategy/fsdp2.yaml to shard.")
     module.codec = _stub_codec(codec, module.codec)
     limit = int(text.init_args.get("max_length") or 0) if text is not None else module.text_encoder.max_length
     text_tokens = min(text_tokens, limit) if limit else text_tokens  # never more than the encoder keeps
     module.text_encoder = StubTextEncoder(_text_dim(text, module.text_encoder), text_tokens)
-    devices = (trainer.devices if isinstance(trainer.devices, int) else 1) * (trainer.num_nodes or 1)
     data = config.data.init_args if "init_args" in config.data else config.data
     size = int(data.get("image_size") or 0) or round(float(data.get("max_area") or 0) ** 0.5)
     return Setup(module, strategy, world_size or devices, micro_batch or int(data.batch_size),
@@ -127,10 +130,11 @@ def shapes(s: Setup) -> Shapes:
     m = s.module
     backbone, codec = m.backbone, m.codec
     H, W = s.image_hw
-    ffn = backbone.blocks[0].img_mlp.net[0].proj
     first = m.moe_layers[0] if m.moe_layers else None
+    width = backbone.blocks[0].attn.to_q.in_features
+    hidden = first.experts.hidden if first else backbone.blocks[0].img_mlp.net[0].proj.out_features
     return Shapes(
-        blocks=len(backbone.blocks), moe_blocks=len(m.moe_layers), width=ffn.in_features, hidden=ffn.out_features,
+        blocks=len(backbone.blocks), moe_blocks=len(m.moe_layers), width=width, hidden=hidden,
         experts=first.num_experts if first else 0, top_k=first.top_k if first else 1,
         token_channels=codec.token_channels, out_channels=codec.channels * codec.patch**2,
         text_dim=m.text_encoder.dim, image_tokens=2 * (H // codec.downsample) * (W // codec.downsample),
@@ -147,7 +151,7 @@ def _macs(part: nn.Module | None) -> int:
 def checkpointing(s: Setup) -> bool:
     from tagmoe_lit.distributed.wrap import fsdp2_options
 
-    return fsdp2_options(s.strategy).activation_checkpointing if s.world_size > 1 or s.strategy else False
+    return s.world_size > 1 and fsdp2_options(s.strategy).activation_checkpointing  # applied with the sharding
 
 
 def _check(s: Setup) -> None:
