@@ -75,6 +75,21 @@ def test_sharded_plan_shards_checkpoints_and_moves_what_fsdp2_moves(tiny, sharde
     assert tiny["collective_bytes"]["all_gather_buffers"] == 0
 
 
+def test_hybrid_shard_splits_inside_a_node_and_all_reduces_gradient_shards_across_nodes():
+    """HSDP on 2 nodes × 2 ranks: parameters split over the node's 2 ranks only, the node-local shards of
+    the gradients all-reduced across the 2 nodes over the network (2·(R − 1)/R of them sent)."""
+    hsdp = ["--trainer.devices", "2", "--trainer.strategy.init_args.hybrid_shard", "true"]
+    p = plan(BASE + FSDP2 + hsdp, world_size=4)
+    assert p["config"]["shards"] == 2 and p["config"]["hybrid_shard"]
+    assert p["memory_bytes"]["parameters"] == p["closed_form_bytes"]["parameters"] == sharded_bytes(list(_built().backbone.parameters()), 2, 4)
+    comm = p["collective_bytes"]
+    shards = p["closed_form_bytes"]["gradients"] + p["untracked_bytes"] // 2
+    assert 0 <= comm["all_reduce_buffers"] - shards <= 64  # the reduce-scatter output keeps FSDP2's padding of uneven splits
+    assert comm["sent_over_network"] == comm["all_reduce_buffers"]  # 2 · (2 − 1)/2 of each buffer
+    with pytest.raises(PlanError, match=r"hybrid_shard needs whole nodes, but 3 ranks do not divide into nodes of 2"):
+        plan(BASE + FSDP2 + hsdp, world_size=3)
+
+
 def test_planned_step_memory_is_within_15_percent_of_a_real_cpu_step(tiny):
     real = step_bytes(BASE)
     assert real["backbone_parameter_bytes"] == sum(p.numel() * 4 for p in _built().backbone.parameters())
@@ -119,6 +134,8 @@ def test_bad_plans_are_refused_in_one_sentence(capsys):
         plan(BASE, image_hw=(18, 16))
     with pytest.raises(PlanError, match="runs the sorted backend for fp32 on CUDA"):
         plan(BASE[:2])  # base.yaml trains in 32-true
+    with pytest.raises(PlanError, match="world size 1 and micro-batch 0 must both be at least 1"):
+        plan(BASE, micro_batch=0)
     with pytest.raises(PlanError, match="2 ranks without FSDP2: under DDP every rank holds what one does"):
         plan(BASE, world_size=2)
     with pytest.raises(PlanError, match="plan follows FSDP2"):

@@ -19,7 +19,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from tagmoe_lit.plan.closed_form import HBM, optimizer_state_bytes, sharded_bytes, step_flops, step_seconds
+from tagmoe_lit.plan.closed_form import HBM, optimizer_state_bytes, ring_bytes, sharded_bytes, step_flops, step_seconds
 from tagmoe_lit.plan.step import Measured, PlanError, Setup, run_step, setup, shapes
 
 GIB = 2**30
@@ -49,7 +49,7 @@ def guard(s: Setup, m: Measured) -> None:
 
 
 def summarize(s: Setup, m: Measured, mfu: float) -> dict[str, Any]:
-    W = s.world_size
+    W = s.shards  # how many ranks a parameter is split over (a node's under hybrid_shard)
     sh = shapes(s)
     closed = step_flops(sh) if s.module.trainable == "all" else {}  # the closed form assumes everything learns
     tracked = m.tracked  # what the memory tracker covers (under FSDP2: the backbone, its root)
@@ -62,12 +62,14 @@ def summarize(s: Setup, m: Measured, mfu: float) -> dict[str, Any]:
         measured_states, peak = states, peak + states
     total_params = sum(p.numel() for p in s.module.parameters())
     backbone_params = sum(p.numel() for p in s.module.backbone.parameters())
-    all_gather, reduce_scatter = sum(m.all_gather_bytes), sum(m.reduce_scatter_bytes)
-    ring = (W - 1) / W if W > 1 else 0.0  # bytes a rank sends (and receives) per byte of a ring collective's buffer
-    comm = ring * (all_gather + reduce_scatter)
+    all_gather, reduce_scatter, all_reduce = sum(m.all_gather_bytes), sum(m.reduce_scatter_bytes), sum(m.all_reduce_bytes)
+    sharding = ring_bytes(all_gather + reduce_scatter, W)  # inside the shard group
+    replicas = ring_bytes(all_reduce, s.world_size // W, all_reduce=True)  # HSDP: across nodes
+    across = sharding if W > s.per_node else 0.0  # a shard group wider than a node crosses the network
+    nvlink, network = sharding - across, across + replicas
     memory = {k: v for k, v in m.peak.items() if k != "Total"}
     return {
-        "config": {"world_size": W, "micro_batch": s.micro_batch, "image_hw": list(s.image_hw),
+        "config": {"world_size": s.world_size, "shards": W, "hybrid_shard": s.hybrid, "micro_batch": s.micro_batch, "image_hw": list(s.image_hw),
                    "text_tokens": s.text_tokens, "precision": s.precision, "optimizer": s.optimizer,
                    "activation_checkpointing": sh.checkpointing, "shapes": asdict(sh)},
         "parameter_count": {"backbone": backbone_params, "alignment": total_params - backbone_params},
@@ -84,12 +86,14 @@ def summarize(s: Setup, m: Measured, mfu: float) -> dict[str, Any]:
         "untracked_bytes": sharded_bytes(m.untracked, W, 4 + 4),  # their parameters and gradients
         "flops": {"measured": m.flops, "closed_form": closed.get("total"), "experts": m.expert_flops, **closed},
         "collective_bytes": {"all_gather_buffers": all_gather, "reduce_scatter_buffers": reduce_scatter,
-                             "calls": [len(m.all_gather_bytes), len(m.reduce_scatter_bytes)], "sent_per_rank": comm},
+                             "all_reduce_buffers": all_reduce,
+                             "calls": [len(m.all_gather_bytes), len(m.reduce_scatter_bytes), len(m.all_reduce_bytes)],
+                             "sent_per_rank": nvlink + network, "sent_over_network": network},
         "host_ram_bytes": {
             "start_from_weights": total_params * 2,  # rank 0 reads the bf16 release once, then broadcasts
             "consolidation": total_params * 4 + (optimizer_state_bytes(s.optimizer, optimized, 1) or 0),  # all shards gathered
         },
-        "step_seconds": {f"{gpu} at MFU {mfu}": step_seconds(m.flops, mfu, comm, W) for gpu in HBM},
+        "step_seconds": {f"{gpu} at MFU {mfu}": step_seconds(m.flops, mfu, nvlink, network) for gpu in HBM},
         "fits": {gpu: peak <= hbm * 0.95 for gpu, hbm in HBM.items()},
         "checks": {"moe_input_dtypes": sorted(set(m.moe_dtypes)), "attention": m.attention_ops,
                    "optimizer_states": "closed form (cannot run on fake tensors)" if m.optimizer_stand_in else "measured"},
@@ -108,7 +112,7 @@ def table(p: dict[str, Any]) -> str:
     unit, scale = ("GiB", GIB) if mem["peak"] >= GIB else ("MiB", 2**20)
     g = lambda b: "–" if b is None else f"{b / scale:.3f}"  # noqa: E731
     lines = [
-        f"plan: {c['world_size']} rank(s), micro-batch {c['micro_batch']}, {c['image_hw'][0]}×{c['image_hw'][1]} px, "
+        f"plan: {c['world_size']} rank(s){' (HSDP: shards of ' + str(c['shards']) + ')' if c['hybrid_shard'] else ''}, micro-batch {c['micro_batch']}, {c['image_hw'][0]}×{c['image_hw'][1]} px, "
         f"{c['text_tokens']} text tokens, {c['precision']}, {c['optimizer']}, "
         f"activation checkpointing {'on' if c['activation_checkpointing'] else 'off'}",
         "",
@@ -125,14 +129,22 @@ def table(p: dict[str, Any]) -> str:
         f"FLOPs per step and rank: {fl['measured']:.4g} (closed form "
         f"{'n/a: not everything learns' if fl['closed_form'] is None else format(fl['closed_form'], '.4g')}; experts {fl['experts']:.4g})",
         f"collectives per step: all-gather buffers {g(p['collective_bytes']['all_gather_buffers'])} {unit}, reduce-scatter "
-        f"{g(p['collective_bytes']['reduce_scatter_buffers'])} {unit}; sent per rank {g(p['collective_bytes']['sent_per_rank'])} {unit}",
+        f"{g(p['collective_bytes']['reduce_scatter_buffers'])} {unit}, all-reduce {g(p['collective_bytes']['all_reduce_buffers'])} "
+        f"{unit}; sent per rank {g(p['collective_bytes']['sent_per_rank'])} {unit}, "
+        f"{g(p['collective_bytes']['sent_over_network'])} of it between nodes",
         f"host RAM: start from weights (rank 0) {g(p['host_ram_bytes']['start_from_weights'])} {unit}, "
         f"consolidation {g(p['host_ram_bytes']['consolidation'])} {unit}",
     ]
+    static = mem["parameters"] + mem["gradients"] + mem["optimizer_state"]
+    bound = ", an upper bound under activation checkpointing (docs/plan.md)" if c["activation_checkpointing"] else ""
     for gpu, t in p["step_seconds"].items():
-        fits = "fits" if p["fits"][gpu.split()[0]] else "does NOT fit"
+        name = gpu.split()[0]
+        fits = "fits" if p["fits"][name] else "does NOT fit"
         lines.append(f"{gpu}: compute {t['compute_s']:.4g} s, collectives {t['comm_s']:.4g} s, step "
-                     f"{t['overlapped_s']:.4g} s overlapped / {t['serial_s']:.4g} s serial; peak {fits}")
+                     f"{t['overlapped_s']:.4g} s overlapped / {t['serial_s']:.4g} s serial; the peak{bound} {fits}")
+        if static > 0.95 * HBM[name]:
+            lines.append(f"  {name}: parameters, gradients and optimizer states alone take {static / GIB:.1f} GiB of "
+                         f"{HBM[name] / GIB:.0f} GiB: shard over more ranks, train `moe_tail`, or use 8-bit AdamW.")
     return "\n".join(lines)
 
 

@@ -97,12 +97,18 @@ def sharded_bytes(parameters: list[nn.Parameter], world: int, bytes_per_element:
     return sum(shard_numel(p.shape, world) * bytes_per_element for p in parameters)
 
 
-def step_seconds(flops: float, mfu: float, comm_bytes: float, world: int, per_node: int = 8) -> dict[str, float]:
-    """Compute time at `mfu` of the bf16 peak, and collective time over NVLink (one node) or the
-    network (several): the step takes the larger of the two when FSDP overlaps them, their sum if not."""
+def ring_bytes(buffer_bytes: float, ranks: int, all_reduce: bool = False) -> float:
+    """Bytes one rank sends in a ring collective over `ranks` of a `buffer_bytes` buffer: (n − 1)/n of it
+    for an all-gather or reduce-scatter, twice that for an all-reduce."""
+    return (2 if all_reduce else 1) * buffer_bytes * (ranks - 1) / ranks if ranks > 1 else 0.0
+
+
+def step_seconds(flops: float, mfu: float, nvlink_bytes: float, network_bytes: float) -> dict[str, float]:
+    """Compute time at `mfu` of the bf16 peak, and collective time: bytes sent inside a node over NVLink,
+    between nodes over the network. The step takes the larger of the two when FSDP overlaps them, their
+    sum if not."""
     compute = flops / (H100_BF16_FLOPS * mfu)
-    bandwidth = NVLINK_BYTES_S if world <= per_node else NETWORK_BYTES_S
-    comm = comm_bytes / bandwidth if world > 1 else 0.0
+    comm = nvlink_bytes / NVLINK_BYTES_S + network_bytes / NETWORK_BYTES_S
     return {"compute_s": compute, "comm_s": comm, "overlapped_s": max(compute, comm), "serial_s": compute + comm}
 
 

@@ -71,11 +71,13 @@ class CollectiveLog:
 
     all_gather: list[int] = field(default_factory=list)  # output (gathered) bytes per call
     reduce_scatter: list[int] = field(default_factory=list)  # input (unreduced) bytes per call
+    all_reduce: list[int] = field(default_factory=list)  # bytes per call (HSDP: gradient shards across replicas)
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[CollectiveLog]:
-        """Record FSDP2's collectives (`dist.all_gather_single` / `reduce_scatter_single`, which it calls)."""
-        gather, scatter = dist.all_gather_single, dist.reduce_scatter_single
+        """Record FSDP2's collectives (`dist.all_gather_single`, `reduce_scatter_single`, and `all_reduce`
+        across replicas under HSDP: what it calls)."""
+        gather, scatter, reduce = dist.all_gather_single, dist.reduce_scatter_single, dist.all_reduce
 
         def all_gather(output_tensor, input_tensor, *args, **kwargs):
             self.all_gather.append(output_tensor.numel() * output_tensor.element_size())
@@ -85,8 +87,12 @@ class CollectiveLog:
             self.reduce_scatter.append(input.numel() * input.element_size())
             return scatter(output, input, *args, **kwargs)
 
+        def all_reduce(tensor, *args, **kwargs):
+            self.all_reduce.append(tensor.numel() * tensor.element_size())
+            return reduce(tensor, *args, **kwargs)
+
         with mock.patch.object(dist, "all_gather_single", all_gather), \
-                mock.patch.object(dist, "reduce_scatter_single", reduce_scatter):
+                mock.patch.object(dist, "reduce_scatter_single", reduce_scatter), mock.patch.object(dist, "all_reduce", all_reduce):
             yield self
 
 

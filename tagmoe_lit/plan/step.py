@@ -44,6 +44,19 @@ class Setup:
     text_tokens: int
     precision: str
     optimizer: str
+    per_node: int = 8  # ranks per node (trainer.devices): NVLink inside, the network between nodes
+
+    @property
+    def hybrid(self) -> bool:
+        """HSDP: shard inside a node, replicate across nodes (`hybrid_shard`)."""
+        from tagmoe_lit.distributed.wrap import fsdp2_options
+
+        return self.world_size > 1 and fsdp2_options(self.strategy).hybrid_shard
+
+    @property
+    def shards(self) -> int:
+        """How many ranks one parameter is split over."""
+        return self.per_node if self.hybrid else self.world_size
 
 
 @dataclass
@@ -56,6 +69,7 @@ class Measured:
     expert_flops: int
     all_gather_bytes: list[int] = field(default_factory=list)
     reduce_scatter_bytes: list[int] = field(default_factory=list)
+    all_reduce_bytes: list[int] = field(default_factory=list)
     moe_dtypes: list[str] = field(default_factory=list)  # dtype of the tokens each MoE layer received
     attention_ops: list[str] = field(default_factory=list)
     forward_end: dict[str, int] = field(default_factory=dict)  # the same when forward ends (saved activations)
@@ -83,7 +97,8 @@ def setup(config_args: list[str], world_size: int | None, micro_batch: int | Non
     if isinstance(strategy, FSDPStrategy):
         raise PlanError("plan follows FSDP2 (experiments/strategy/fsdp2.yaml); FSDP1's flat parameters have no "
                         "per-rank memory tracker in torch, so use the FSDP2 strategy to plan.")
-    devices = (trainer.devices if isinstance(trainer.devices, int) else 1) * (trainer.num_nodes or 1)
+    per_node = int(trainer.devices) if str(trainer.devices).isdigit() else 1  # "auto" or a list: plan one per node
+    devices = per_node * (trainer.num_nodes or 1)
     if (world_size or devices) > 1 and not isinstance(strategy, ModelParallelStrategy):
         raise PlanError(f"{world_size or devices} ranks without FSDP2: under DDP every rank holds what one does, so plan "
                         "it with --world_size 1, or add experiments/strategy/fsdp2.yaml to shard.")
@@ -93,8 +108,10 @@ def setup(config_args: list[str], world_size: int | None, micro_batch: int | Non
     module.text_encoder = StubTextEncoder(_text_dim(text, module.text_encoder), text_tokens)
     data = config.data.init_args if "init_args" in config.data else config.data
     size = int(data.get("image_size") or 0) or round(float(data.get("max_area") or 0) ** 0.5)
-    return Setup(module, strategy, world_size or devices, micro_batch or int(data.batch_size),
-                 image_hw or (size, size), text_tokens, str(trainer.precision), _class_path(config.model.optimizer))
+    world = devices if world_size is None else world_size
+    return Setup(module, strategy, world, int(data.batch_size) if micro_batch is None else micro_batch,
+                 image_hw or (size, size), text_tokens, str(trainer.precision), _class_path(config.model.optimizer),
+                 min(per_node, world))
 
 
 def _class_path(optimizer: Any) -> str:
@@ -156,6 +173,11 @@ def checkpointing(s: Setup) -> bool:
 
 def _check(s: Setup) -> None:
     problems = []
+    if s.world_size < 1 or s.micro_batch < 1:
+        problems.append(f"world size {s.world_size} and micro-batch {s.micro_batch} must both be at least 1")
+    elif s.hybrid and s.world_size % s.per_node:
+        problems.append(f"hybrid_shard needs whole nodes, but {s.world_size} ranks do not divide into nodes of "
+                        f"{s.per_node} (trainer.devices)")
     H, W = s.image_hw
     d = s.module.codec.downsample
     if H % d or W % d:
@@ -225,8 +247,9 @@ def run_step(s: Setup) -> Measured:
     with world:
         parts = [p for p in (m.backbone, m.tag_embedder, m.head) if p is not None]
         sharded = s.world_size > 1
-        if sharded:
-            mesh = init_device_mesh("cpu", (s.world_size,))
+        if sharded:  # Lightning's mesh: nodes × ranks per node
+            nodes = s.world_size // s.per_node if s.world_size % s.per_node == 0 else 1
+            mesh = init_device_mesh("cpu", (nodes, s.world_size // nodes), mesh_dim_names=("data_parallel", "tensor_parallel"))
             wrap_model(m.backbone, parts[1:], mesh, s.strategy, meta=False)
         for layer in m.moe_layers:
             layer.dispatch = "grouped"  # what `auto` picks on CUDA
@@ -267,7 +290,8 @@ def run_step(s: Setup) -> Measured:
         after_step={getattr(k, "value", k): v for k, v in next(iter(after.values())).items() if v},
         forward_end={getattr(k, "value", k): v for k, v in next(iter(forward_end.values())).items() if v},
         flops=flops.get_total_flops(), expert_flops=int(counts.get(torch.ops.aten._grouped_mm, 0)),
-        all_gather_bytes=log.all_gather, reduce_scatter_bytes=log.reduce_scatter, moe_dtypes=seen,
+        all_gather_bytes=log.all_gather, reduce_scatter_bytes=log.reduce_scatter, all_reduce_bytes=log.all_reduce,
+        moe_dtypes=seen,
         attention_ops=sorted(str(op).replace("aten.", "") for op in counts if "attention" in str(op)),
         optimizer_stand_in=stand_in,
         tracked=list((m.backbone if sharded else m).parameters()),
