@@ -3,7 +3,8 @@
 The model only exposes its blocks (`QwenImageBackbone.blocks`); this file decides how they are
 sharded: activation checkpointing on each block, `fully_shard` on each block, then `fully_shard` on
 the root, so every parameter outside the blocks (embedders, norms, MoE heads) is sharded and its
-gradients are reduced too. `tagmoe_lit.distributed.wrap.wrap_model` calls `parallelize` only
+gradients are reduced too. A parameter splits along dim 0, or along its longest dim when dim 0 has
+fewer rows than there are ranks (`shard_placement`: the stacked experts and routers have E rows). `tagmoe_lit.distributed.wrap.wrap_model` calls `parallelize` only
 under Lightning's `ModelParallelStrategy` (which sets `device_mesh`); Lightning's FSDP1
 `FSDPStrategy` wraps by class from its YAML instead.
 
@@ -37,7 +38,7 @@ def shard_placement(shards: int):
     are shards and another dim is longer; then that one. The stacked experts `[E, D, H]` and routers
     `[E, D]` have E = 4 rows: split on dim 0, every rank beyond the fourth would hold a padded copy
     of a whole expert slice (`plan` measured 3.96 GiB of parameters per rank at 64 ranks instead of
-    1.5; docs/plan.md), so they split along their width instead."""
+    1.32; docs/plan.md), so they split along their width instead."""
 
     def place(param: nn.Parameter) -> Shard | None:
         if param.ndim < 2 or param.shape[0] >= shards:
