@@ -41,11 +41,17 @@ def shard_placement(shards: int):
     1.32; docs/plan.md), so they split along their width instead."""
 
     def place(param: nn.Parameter) -> Shard | None:
-        if param.ndim < 2 or param.shape[0] >= shards:
-            return None
-        return Shard(max(range(param.ndim), key=lambda d: param.shape[d]))
+        dim = split_dim(param.shape, shards)
+        return None if dim == 0 else Shard(dim)
 
     return place
+
+
+def split_dim(shape: tuple[int, ...], shards: int) -> int:
+    """The dim `shard_placement` splits a parameter of `shape` along (0 for scalars and vectors)."""
+    if len(shape) < 2 or shape[0] >= shards:
+        return 0
+    return max(range(len(shape)), key=lambda d: shape[d])
 
 
 def parallelize(

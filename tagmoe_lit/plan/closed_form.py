@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tagmoe_lit.distributed.fsdp2 import split_dim
+
 H100_BF16_FLOPS = 989.4e12  # dense bf16 peak of an H100 SXM (NVIDIA datasheet); the H200 has the same compute
 HBM = {"H100": 80e9, "H200": 141e9}  # bytes of GPU memory
 NVLINK_BYTES_S = 450e9  # per direction per GPU inside a node (NVLink 4: 900 GB/s both ways)
@@ -88,7 +90,7 @@ def shard_numel(shape: torch.Size | tuple[int, ...], world: int) -> int:
     or the longest dim when dim 0 has fewer rows than ranks) cut in ceil(n / W) (the last ranks padded)."""
     if not shape:
         return 1
-    dim = 0 if len(shape) < 2 or shape[0] >= world else max(range(len(shape)), key=lambda d: shape[d])
+    dim = split_dim(tuple(shape), world)
     return math.ceil(shape[dim] / world) * math.prod(shape) // shape[dim]
 
 
