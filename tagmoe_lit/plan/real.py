@@ -48,7 +48,7 @@ def step_bytes(config_args: list[str]) -> dict[str, int]:
     """Rank 0's parameter bytes and the peak bytes one real step adds (every rank runs this)."""
     from tagmoe_lit.distributed.materialize import materialize_
     from tagmoe_lit.distributed.wrap import wrap_model
-    from tagmoe_lit.plan.step import _batch, _Step, setup
+    from tagmoe_lit.plan.step import _autocast, _batch, _Step, cuda_step_draws, setup
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     s = setup(config_args, world, None, None, 256)
@@ -61,14 +61,10 @@ def step_bytes(config_args: list[str]) -> dict[str, int]:
         wrap_model(m.backbone, parts[1:], init_device_mesh("cpu", (world,)), s.strategy, meta=False)
     for part in parts:
         materialize_(part, "cpu")
-    for layer in m.moe_layers:
-        layer.dispatch = "grouped"
-    x = torch.zeros(s.micro_batch, 3, *s.image_hw)
-    h, w = m.grid(x)
-    draws = m.objective.training_draws(s.micro_batch, (h * w, m.codec.token_channels), x, 0, 0)
+    draws = cuda_step_draws(s)
     batch, optimizer = _batch(s), m.optimizer_factory([p for p in m.parameters() if p.requires_grad])
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _autocast(s.precision):
             terms = _Step(m)(batch, draws)
         terms["loss"].backward()
         optimizer.step()

@@ -219,6 +219,18 @@ def _moe_dtypes(module) -> tuple[list[str], list]:
     return seen, hooks
 
 
+def cuda_step_draws(s: Setup):
+    """Set the experts to the dispatch `auto` picks on CUDA (`grouped`) and draw the step's σ, ε and
+    dropouts as real CPU tensors (fake draws would fail `conditioning`): what the planned step and the
+    real CPU step it is checked against (`real.py`) share."""
+    m = s.module
+    for layer in m.moe_layers:
+        layer.dispatch = "grouped"
+    x = torch.zeros(s.micro_batch, 3, *s.image_hw)
+    h, w = m.grid(x)
+    return m.objective.training_draws(s.micro_batch, (h * w, m.codec.token_channels), x, 0, 0)
+
+
 class _Step(nn.Module):
     """`loss_terms` as one module call: torch's memory tracker refuses a top-level module called twice in
     a step, which the alignment baselines do with the head; under a parent it tracks repeated calls."""
@@ -251,11 +263,7 @@ def run_step(s: Setup) -> Measured:
             nodes = s.world_size // s.per_node if s.world_size % s.per_node == 0 else 1
             mesh = init_device_mesh("cpu", (nodes, s.world_size // nodes), mesh_dim_names=("data_parallel", "tensor_parallel"))
             wrap_model(m.backbone, parts[1:], mesh, s.strategy, meta=False)
-        for layer in m.moe_layers:
-            layer.dispatch = "grouped"  # what `auto` picks on CUDA
-        x = torch.zeros(s.micro_batch, 3, *s.image_hw)
-        h, w = m.grid(x)
-        draws = m.objective.training_draws(s.micro_batch, (h * w, m.codec.token_channels), x, 0, 0)  # real CPU draws
+        draws = cuda_step_draws(s)
         log = CollectiveLog()
         with FakeTensorMode(allow_non_fake_inputs=True):
             for part in parts:
