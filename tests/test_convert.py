@@ -301,7 +301,8 @@ def test_release_with_only_moe_weights_takes_dense_keys_from_base(release, tmp_p
     run(["convert", "official", "--src", str(tmp_path / "moe.safetensors"), "--base", str(tmp_path / "base"), "--dst", str(tmp_path / "kit")])
     assert json.loads((tmp_path / "kit" / "tagmoe_config.json").read_text())["release"]["from_base"] > 0
     assert load_transformer_dir(kit_module(), tmp_path / "kit") == []
-    assert (tmp_path / "kit" / "config.json").is_file()  # taken from the base
+    sizes = json.loads((tmp_path / "kit" / "tagmoe_transformer.json").read_text())  # the base's config.json + the MoE
+    assert sizes["num_layers"] == LAYERS and sizes["moe_blocks"] == len(MOE_BLOCKS) and sizes["num_experts"] == E
 
 
 # -- export ----------------------------------------------------------------------------------------
@@ -313,7 +314,7 @@ def test_export_from_ckpt_round_trips_through_diffusers(tmp_path):
     (tmp_path / "config.yaml").write_text(CONFIG)
     out = run(["convert", "export", "--config", str(tmp_path / "config.yaml"), "--ckpt_path", str(tmp_path / "last.ckpt"),
                "--dst", str(tmp_path / "exported"), "--max_shard_gb", "0.0001"])
-    assert "diffusion_pytorch_model.safetensors.index.json" in out["files"] and "config.json" in out["files"]
+    assert "diffusion_pytorch_model.safetensors.index.json" in out["files"] and "tagmoe_transformer.json" in out["files"]
     transformer = transformer_from_dir(tmp_path / "exported")  # diffusers model + kit MoE, strict keys
     inputs = transformer_inputs(transformer)
     with torch.no_grad():
@@ -325,8 +326,8 @@ def test_export_from_ckpt_round_trips_through_diffusers(tmp_path):
     assert load_checkpoint(fresh, tmp_path / "exported") == []
     for k, v in module.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[k], v)
-    dense_view = QwenImageTransformer2DModel.from_pretrained(tmp_path / "exported")  # plain diffusers: dense parts load
-    torch.testing.assert_close(dense_view.img_in.weight, module.backbone.transformer.img_in.weight)
+    with pytest.raises(EnvironmentError, match="config.json"):  # diffusers' dense class would load half a model
+        QwenImageTransformer2DModel.from_pretrained(tmp_path / "exported")
 
 
 def test_export_official_layout_is_the_release_again(release, tmp_path):

@@ -9,6 +9,7 @@ Both write a TAG-MoE transformer directory (`files.py`); errors end the command 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 
 from tagmoe_lit.convert.files import find_weights, read_state_dict, save_transformer_dir
 from tagmoe_lit.convert.official import SCHEMA, OfficialInfo, from_official
+from tagmoe_lit.convert.transformer import class_files
 from tagmoe_lit.moe import LinearRouter
 from tagmoe_lit.tags import TagSchema
 
@@ -54,8 +56,8 @@ def convert_official(
     config_json = weights.parent / "config.json"  # diffusers' transformer config, from the release or the base
     if not config_json.is_file() and base:
         config_json = find_weights(base).parent / "config.json"
-    diffusers_config = config_json.read_text(encoding="utf-8") if config_json.is_file() else None
-    save_transformer_dir(dst, state, config, diffusers_config, max_shard_bytes, overwrite)
+    diffusers_config = json.loads(config_json.read_text(encoding="utf-8")) if config_json.is_file() else None
+    save_transformer_dir(dst, state, config, class_files(diffusers_config, config), max_shard_bytes, overwrite)
     return config
 
 

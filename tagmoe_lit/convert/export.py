@@ -18,6 +18,7 @@ import torch
 from tagmoe_lit.convert.files import TAGMOE_CONFIG, key_problems, kit_tensors, save_transformer_dir
 from tagmoe_lit.convert.load import load_transformer_dir
 from tagmoe_lit.convert.official import to_official
+from tagmoe_lit.convert.transformer import class_files
 from tagmoe_lit.identity import CheckpointMismatchError, model_identity
 from tagmoe_lit.module import TagMoEModule
 
@@ -80,5 +81,5 @@ def export(
             )
         tensors = to_official(tensors)
     config["layout"] = layout
-    transformer = module.backbone.transformer
-    return save_transformer_dir(dst, tensors, config, transformer.to_json_string(), max_shard_bytes, overwrite)
+    texts = class_files(dict(module.backbone.transformer.config), config)
+    return save_transformer_dir(dst, tensors, config, texts, max_shard_bytes, overwrite)

@@ -3,17 +3,18 @@
 A TAG-MoE transformer directory (written by `convert official` and `convert export`) is a diffusers
 `save_pretrained` folder plus one file:
 
-    config.json                                   diffusers' transformer config (when known)
+    tagmoe_transformer.json                       `TagMoEQwenImageTransformer2DModel`'s config (when the sizes are known)
+    README.md                                     which class loads it
     diffusion_pytorch_model.safetensors           weights, or shards `…-00001-of-0000n.safetensors`
     diffusion_pytorch_model.safetensors.index.json  with diffusers' / HF's index `weight_map`
     tagmoe_config.json                            layout, MoE shape, schema: what a loader checks
 
 In the `kit` layout the weights are a `TagMoEModule`'s state dict with `backbone.transformer.`
-removed from the transformer's keys: dense keys are diffusers' own (so diffusers'
-`from_pretrained` loads every dense part and names the MoE FFNs as unused / newly initialized),
-MoE FFNs use the kit's names (`img_mlp.router.gate.weight`, `img_mlp.experts.w1_EDH`, …), and the
-tag embedder and head keep their `tag_embedder.` / `head.` prefixes. In the `official` layout they
-are the release's names (`official.py`), which the release's own loader reads. Directories are
+removed from the transformer's keys: dense keys are diffusers' own, MoE FFNs use the kit's names (`img_mlp.router.gate.weight`, `img_mlp.experts.w1_EDH`, …), and the
+tag embedder and head keep their `tag_embedder.` / `head.` prefixes; diffusers loads it as
+`TagMoEQwenImageTransformer2DModel` (`transformer.py`), and its dense class, finding no
+`config.json`, refuses it. In the `official` layout they are the release's names (`official.py`),
+which the release's own loader reads. Directories are
 built in a temporary sibling folder and moved into place: an error leaves nothing half-written.
 
 Loading such a directory (or a dense diffusers release) into a model is `load.py`'s.
@@ -172,18 +173,21 @@ def save_transformer_dir(
     dst: str | Path,
     tensors: dict[str, torch.Tensor],
     tagmoe_config: dict[str, Any],
-    diffusers_config: str | None = None,
+    texts: dict[str, str] | None = None,
     max_shard_bytes: int = 10 * 2**30,
     overwrite: bool = False,
 ) -> list[str]:
-    """Write a TAG-MoE transformer directory atomically; return its file names."""
+    """Write a TAG-MoE transformer directory atomically; return its file names.
+
+    `texts` are further files by name (`transformer.class_files`: the config diffusers loads the
+    directory with, and a README)."""
     with staged_dir(dst, overwrite) as tmp:
         files = write_safetensors(tmp, tensors, max_shard_bytes)
         (tmp / TAGMOE_CONFIG).write_text(json.dumps({"format": FORMAT, **tagmoe_config}, indent=2), encoding="utf-8")
         files.append(TAGMOE_CONFIG)
-        if diffusers_config is not None:
-            (tmp / "config.json").write_text(diffusers_config, encoding="utf-8")
-            files.append("config.json")
+        for name, text in (texts or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+            files.append(name)
     return files
 
 

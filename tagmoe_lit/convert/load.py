@@ -4,13 +4,12 @@
 (`files.py`; every key and the model identity checked) or a plain (dense) diffusers Qwen-Image
 transformer, whose MoE experts it upcycles from the FFNs as the backbone's own `pretrained_path`
 build does; `model.init_weights` loads them, also sharded (`distributed/weights.py`).
-`transformer_from_dir` builds diffusers' transformer with the kit's MoE layers from a directory.
+`transformer.py` loads a directory as a diffusers model of its own (`TagMoEQwenImageTransformer2DModel`).
 """
 
 from __future__ import annotations
 
 import importlib
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -155,37 +154,3 @@ def pretrained_tensors(
     if (Path(src) / TAGMOE_CONFIG).is_file():
         return transformer_dir_tensors(module, src, want)
     return dense_transformer_tensors(module, src, want, upcycling)
-
-
-def transformer_from_dir(src: str | Path) -> torch.nn.Module:
-    """A diffusers `QwenImageTransformer2DModel` with the kit's MoE layers, from a kit-layout directory with a config.json.
-
-    For diffusers pipelines: the transformer is built from `config.json`, the directory's MoE
-    layers are installed as `MoELayer`s, and every transformer key is loaded strictly.
-    """
-    from diffusers import QwenImageTransformer2DModel
-
-    from tagmoe_lit.backbone.surgery import install_moe
-
-    src = Path(src)
-    tensors, config = read_transformer_dir(src)
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src} has no config.json (diffusers' transformer config); export it with `convert export`.")
-    if config.get("layout") != "kit":
-        raise ValueError(f"{src} is in the {config.get('layout')!r} layout; transformer_from_dir reads the kit layout.")
-    transformer = QwenImageTransformer2DModel.from_config(QwenImageTransformer2DModel.load_config(src))
-    blocks, moe_blocks = transformer.transformer_blocks, config["moe_blocks"]
-    if moe_blocks != list(range(len(blocks) - len(moe_blocks), len(blocks))):
-        raise ValueError(f"MoE blocks {moe_blocks} are not the last blocks of {len(blocks)}; the kit installs MoE in a suffix of blocks.")
-    if moe_blocks:
-        make = partial(
-            MoELayer, num_experts=config["num_experts"], top_k=config["top_k"], router=import_class(config["router"]),
-            expert_bias=config["expert_bias"], renormalize=config["renormalize"],
-        )
-        install_moe(blocks, len(moe_blocks), make)
-    weights = {k: t for k, t in tensors.items() if not k.startswith(("tag_embedder.", "head."))}
-    problems = key_problems("transformer", weights, transformer.state_dict())
-    if problems:
-        raise ValueError(f"{src} does not fit its own config.json: " + "; ".join(problems) + ".")
-    transformer.load_state_dict(weights)
-    return transformer
