@@ -1,7 +1,7 @@
 """Generation: sample each batch image from its instruction and reference with the Euler sampler.
 
-The one sampling path: `predict`, `test`'s edit scores and the sample-grid callback all call
-`generate`. Tags reach only oracle routers (`needs_context`); TAG-MoE's routers infer the task.
+The one sampling path: `predict`, `test`'s edit scores and the sample-grid callback call
+`generate`, and the one-image `edit` (`editing.py`) calls `sample`, the loop inside it. Tags reach only oracle routers (`needs_context`); TAG-MoE's routers infer the task.
 `clean_estimate` is the one-step view x̂0 = x_σ − σ·v̂ (does a checkpoint read its reference?).
 """
 
@@ -13,7 +13,7 @@ import torch
 
 from tagmoe_lit.flow import interpolate
 from tagmoe_lit.objective import conditioning
-from tagmoe_lit.sampling import EulerSampler
+from tagmoe_lit.sampling import EulerSampler, QwenImageSampler
 
 if TYPE_CHECKING:
     from tagmoe_lit.module import TagMoEModule
@@ -31,7 +31,15 @@ def generate(model: TagMoEModule, batch: dict, sampler: EulerSampler) -> tuple[t
     instructions, reference = conditioning(batch, model.codec.encode(batch["source"]), no_drop, no_drop)
     grid = model.grid(batch["target"])
     noise = model.fixed_noise(batch, "sample")
-    s = model.tag_embedding(batch)
+    tokens, signatures = sample(model, instructions, reference, grid, noise, model.tag_embedding(batch), sampler)
+    return model.codec.decode(tokens, *grid).clamp(0, 1), signatures
+
+
+@torch.no_grad()
+def sample(model: TagMoEModule, instructions: list[str], reference: torch.Tensor, grid: tuple[int, int], noise: torch.Tensor,
+           s: torch.Tensor | None, sampler: EulerSampler | QwenImageSampler) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The sampler's clean tokens [B, h·w, P] and the routing signature per MoE layer [L, B, E],
+    averaged over its conditional forwards (None for a dense model); `s` reaches oracle routers only."""
     signatures: list[torch.Tensor] = []
 
     def velocity(x, ref, grid_hw, instr, sigma):
@@ -41,8 +49,7 @@ def generate(model: TagMoEModule, batch: dict, sampler: EulerSampler) -> tuple[t
         return pred, stats
 
     tokens = sampler(velocity, instructions, reference, grid, model.codec.token_channels, noise=noise)
-    images = model.codec.decode(tokens, *grid).clamp(0, 1)
-    return images, torch.stack(signatures).mean(0) if signatures else None
+    return tokens, torch.stack(signatures).mean(0) if signatures else None
 
 
 @torch.no_grad()
