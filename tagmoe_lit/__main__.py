@@ -16,6 +16,7 @@ at once and `params --help` does not wait for Lightning. Every command takes `--
 - `knockout`: `test` with each expert removed from every MoE layer in turn (`tagmoe_lit/knockout.py`);
 - `study`: the ablation study — train, test and compare every run of a preset, resumably
   (`tagmoe_lit/study/runner.py`);
+- `edit`: edit one image by an instruction, as the release's pipeline does (`tagmoe_lit/edit_cli.py`);
 - `convert`: the official release's weights into the kit (`convert official`) and a checkpoint out
   to a diffusers-style transformer directory (`convert export`) (`tagmoe_lit/convert/cli.py`);
 - `consolidate`: one `.ckpt` file from a sharded (FSDP2) checkpoint directory
@@ -74,6 +75,7 @@ COMMANDS: dict[str, tuple[str, Callable[[], Main]]] = {
     "plan": ("one training step's per-rank memory, FLOPs, collectives and time on fake tensors, without a GPU", _entry("tagmoe_lit.plan.cli")),
     "knockout": ("test a checkpoint with each expert removed from every MoE layer in turn", _entry("tagmoe_lit.knockout")),
     "study": ("the ablation study: train, test and compare every run of a preset, resumably", _entry("tagmoe_lit.study.runner")),
+    "edit": ("edit one image by an instruction with a checkpoint; writes the PNG and a JSON sidecar with the routing", _entry("tagmoe_lit.edit_cli")),
     "convert": ("official release weights into the kit (official), a checkpoint out to diffusers layout (export)", _entry("tagmoe_lit.convert.cli")),
     "consolidate": ("one .ckpt file from a sharded (FSDP2) checkpoint directory", _entry("tagmoe_lit.distributed.cli")),
     "synthtag-export": ("write SynthTAG samples as a JSONL manifest of PNG files", _entry("tagmoe_lit.data.export")),

@@ -127,6 +127,13 @@ def main(args: list[str] | None = None) -> TagMoECLI:
     return TagMoECLI(args=args)
 
 
+def one_cpu_cli(args: list[str]) -> TagMoECLI:
+    """The config's model and data built for one CPU process, whatever its trainer (GPUs, nodes,
+    FSDP) says: for commands that load a checkpoint and use it (`convert export`, `edit`)."""
+    one_cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.strategy", "auto"]
+    return TagMoECLI(args=[*args, "--trainer.logger", "false", *one_cpu], run=False)
+
+
 def logs_follow_root_dir(config: Namespace) -> None:
     """Every logger of `config` (one subcommand's) whose `save_dir` is unset writes under
     `trainer.default_root_dir` (the working directory when that is unset too, as Lightning's)."""

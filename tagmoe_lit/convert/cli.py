@@ -104,12 +104,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"forward ignores) into {args.dst}"
             )
             return config
-        from tagmoe_lit.cli import TagMoECLI
+        from tagmoe_lit.cli import one_cpu_cli
         from tagmoe_lit.convert.export import export, load_checkpoint
 
-        # export runs on one CPU process whatever the training config's trainer (GPUs, nodes, FSDP) says
-        one_cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1", "--trainer.strategy", "auto"]
-        cli = TagMoECLI(args=[*rest, "--trainer.logger", "false", *one_cpu], run=False)
+        cli = one_cpu_cli(rest)
         kept = load_checkpoint(cli.model, args.ckpt_path)
         files = export(cli.model, args.dst, args.layout, DTYPES.get(args.dtype), shard, args.overwrite)
         note = f" ({', '.join(kept)} not in the checkpoint: written as built)" if kept else ""

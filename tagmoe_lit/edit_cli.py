@@ -1,0 +1,124 @@
+"""`python -m tagmoe_lit edit`: edit one image with a checkpoint, and write what the router thought.
+
+    python -m tagmoe_lit edit --config experiments/base.yaml --ckpt_path runs/base/…/last.ckpt \\
+        --image photo.png --instruction "make the circle blue" --out edited.png
+    python -m tagmoe_lit edit --config experiments/qwen_image_release.yaml --weights converted/ \\
+        --image photo.png --instruction "replace the sky with a sunset" --out edited.png
+
+The model is built from the config arguments (as for `test`) on one process, loaded from a
+Lightning `.ckpt` (`--ckpt_path`) or a `convert` directory (`--weights`), and edits the image as
+`editing.py` says. `--sampler auto` samples as the release does (`QwenImageSampler`: 30 steps,
+CFG 4, norm rescale, negative " ") for a `convert official` directory and with the config's own
+sampler otherwise; `--resolutions auto` picks the release's ~1 MP list for a converted release and
+the config's aspect buckets (`data.image_size`) otherwise. Beside the image goes a JSON sidecar:
+the instruction, seed, settings, the routing signature g per MoE layer and the tag set nearest the
+alignment head's prediction. Both files are written atomically; a bad input writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tagmoe_lit.editing import EditInputError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tagmoe_lit edit", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--ckpt_path", help="a Lightning .ckpt written by `fit`")
+    weights.add_argument("--weights", help="a `convert official` / `convert export` directory")
+    p.add_argument("--image", required=True, help="the image to edit (PNG, JPEG, WebP; RGBA is composited on white)")
+    p.add_argument("--instruction", required=True, help="what to change, in words")
+    p.add_argument("--out", default="edited.png", help="output PNG (a .json sidecar is written beside it; default: edited.png)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default: 0)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the sampler's)")
+    p.add_argument("--guidance", type=float, help="true CFG scale (default: the sampler's)")
+    p.add_argument("--sampler", choices=["auto", "release", "config"], default="auto",
+                   help="release: the TAG-MoE release's loop; config: the config's model.sampler; auto: release for a "
+                        "`convert official` directory, else config")
+    p.add_argument("--resolutions", choices=["auto", "release", "buckets"], default="auto",
+                   help="sizes the image snaps to: the release's ~1 MP list, or the config's aspect buckets at "
+                        "data.image_size; auto: release for a `convert official` directory, else buckets")
+    return p
+
+
+def _from_release(weights: str | None) -> bool:
+    """Is `weights` a `convert official` directory (its tagmoe_config.json names the release as source)?"""
+    from tagmoe_lit.convert.files import TAGMOE_CONFIG
+
+    config = Path(weights) / TAGMOE_CONFIG if weights else None
+    return bool(config and config.is_file() and "release" in json.loads(config.read_text(encoding="utf-8")).get("source", ""))
+
+
+def _sampler(model: Any, choice: str, steps: int | None, guidance: float | None) -> Any:
+    import copy
+
+    from tagmoe_lit.sampling import QwenImageSampler
+
+    sampler = QwenImageSampler() if choice == "release" else copy.copy(model.sampler)
+    if steps is not None:
+        if steps < 1:
+            raise EditInputError(f"--steps {steps} must be at least 1.")
+        sampler.steps = steps
+    if guidance is not None:
+        sampler.guidance = guidance
+    return sampler
+
+
+def _png(image) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from tagmoe_lit.cli import one_cpu_cli
+    from tagmoe_lit.convert.export import load_checkpoint
+    from tagmoe_lit.editing import RELEASE_RESOLUTIONS, edit, kit_resolutions, open_image, reference_pixels
+    from tagmoe_lit.io import atomic_write_bytes, atomic_write_text
+
+    args, rest = parser().parse_known_args(argv)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise EditInputError(f"--out {out} must end in .png (the edit is written as a PNG with a .json sidecar).")
+    image = open_image(args.image)  # before the model is built: a bad image fails in a second
+    release = _from_release(args.weights)
+    cli = one_cpu_cli(rest)
+    model = cli.model
+    load_checkpoint(model, args.ckpt_path or args.weights)
+    model.eval()
+    use_release = args.resolutions == "release" or (args.resolutions == "auto" and release)
+    resolutions = RELEASE_RESOLUTIONS if use_release else kit_resolutions(cli.datamodule.image_size, model.codec.downsample)
+    choice = args.sampler if args.sampler != "auto" else ("release" if release else "config")
+    sampler = _sampler(model, choice, args.steps, args.guidance)
+    start = time.perf_counter()
+    pixels = reference_pixels(image, resolutions)
+    result = edit(model, pixels, args.instruction, sampler, seed=args.seed)
+    sidecar = {
+        "instruction": args.instruction,
+        "image": str(args.image),
+        "source_size": list(image.size),
+        "size": [int(pixels.shape[2]), int(pixels.shape[1])],
+        "seed": args.seed,
+        "weights": args.ckpt_path or args.weights,
+        "sampler": {"class": type(sampler).__name__, "steps": sampler.steps, "guidance": sampler.guidance,
+                    "negative_prompt": sampler.negative_prompt, "renormalize": sampler.renormalize},
+        "resolutions": "release" if use_release else f"buckets at {cli.datamodule.image_size}² px",
+        "routing_signature": None if result.signature_LE is None else {
+            f"layer_{i}": [round(float(p), 6) for p in row] for i, row in enumerate(result.signature_LE)},
+        "predicted_tags": result.predicted_tags,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    atomic_write_bytes(out, _png(result.image))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
+    tags = f"; the router reads it as {', '.join(result.predicted_tags)}" if result.predicted_tags else ""
+    print(f"Edited {args.image} ({pixels.shape[2]}×{pixels.shape[1]}) → {out} and {out.with_suffix('.json').name}{tags}")
+    return sidecar
