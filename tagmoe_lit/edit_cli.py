@@ -41,6 +41,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=["auto", "release", "config"], default="auto",
                    help="release: the TAG-MoE release's loop; config: the config's model.sampler; auto: release for a "
                         "`convert official` directory, else config")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, …")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the backbone's weights (routers stay fp32); bfloat16 halves a full-size model's memory on a GPU")
     p.add_argument("--resolutions", choices=["auto", "release", "buckets"], default="auto",
                    help="sizes the image snaps to: the release's ~1 MP list, or the config's aspect buckets at "
                         "data.image_size; auto: release for a `convert official` directory, else buckets")
@@ -80,6 +83,8 @@ def _png(image) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import torch
+
     from tagmoe_lit.cli import one_cpu_cli
     from tagmoe_lit.convert.export import load_checkpoint
     from tagmoe_lit.editing import RELEASE_RESOLUTIONS, edit, kit_resolutions, open_image, reference_pixels
@@ -94,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cli = one_cpu_cli(rest)
     model = cli.model
     load_checkpoint(model, args.ckpt_path or args.weights)
-    model.eval()
+    model.eval().to(args.device)
+    model.backbone.to(dtype=getattr(torch, args.dtype))
     use_release = args.resolutions == "release" or (args.resolutions == "auto" and release)
     resolutions = RELEASE_RESOLUTIONS if use_release else kit_resolutions(cli.datamodule.image_size, model.codec.downsample)
     choice = args.sampler if args.sampler != "auto" else ("release" if release else "config")
@@ -108,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "source_size": list(image.size),
         "size": [int(pixels.shape[2]), int(pixels.shape[1])],
         "seed": args.seed,
+        "device": args.device,
+        "dtype": args.dtype,
         "weights": args.ckpt_path or args.weights,
         "sampler": {"class": type(sampler).__name__, "steps": sampler.steps, "guidance": sampler.guidance,
                     "negative_prompt": sampler.negative_prompt, "renormalize": sampler.renormalize},

@@ -112,13 +112,13 @@ def edit(model: TagMoEModule, pixels_3HW: torch.Tensor, instruction: str, sample
     if any(layer.router.needs_context for layer in model.moe_layers):
         raise EditInputError("This model's router reads the task tags (an oracle baseline), which an edit does not have; "
                              "edit with a TAG-MoE or task-agnostic checkpoint.")
-    device = next(model.parameters()).device
-    source = pixels_3HW[None].to(device)
-    reference, grid = model.codec.encode(source), model.grid(source)
+    weight = model.backbone.transformer.img_in.weight  # the backbone may run in bf16 on a GPU, the codec in fp32
+    source = pixels_3HW[None].to(weight.device)
+    reference, grid = model.codec.encode(source).to(weight.dtype), model.grid(source)
     if noise is None:
         noise = starting_noise(seed, grid, model.codec.channels, model.codec.patch)
-    tokens, signature_LE = sample(model, [instruction], reference, grid, noise.to(device), None, sampler)
-    image = model.codec.decode(tokens, *grid).clamp(0, 1)[0]
+    tokens, signature_LE = sample(model, [instruction], reference, grid, noise.to(reference), None, sampler)
+    image = model.codec.decode(tokens.float(), *grid).clamp(0, 1)[0]
     return Edit(image.cpu(), tokens.cpu(), None if signature_LE is None else signature_LE[:, 0].cpu(),
                 predicted_tag_set(model, signature_LE[:, 0].mean(0)) if signature_LE is not None else None)
 

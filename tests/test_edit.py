@@ -72,6 +72,11 @@ def test_edit_writes_the_image_and_its_sidecar(ckpt, tmp_path, monkeypatch):
     again = run(["edit", *BASE, "--ckpt_path", str(ckpt), "--image", str(tmp_path / "in.png"), "--instruction",
                  "make the red square green", "--out", str(tmp_path / "again.png"), "--seed", "3", "--sampler", "release", "--steps", "2"])
     assert again["sampler"]["class"] == "QwenImageSampler" and again["sampler"]["negative_prompt"] == " "
+    bf16 = run(["edit", *BASE, "--ckpt_path", str(ckpt), "--image", str(tmp_path / "in.png"), "--instruction",
+                "make the red square green", "--out", str(tmp_path / "bf16.png"), "--seed", "3", "--dtype", "bfloat16"])
+    assert bf16["dtype"] == "bfloat16" and abs(sum(bf16["routing_signature"]["layer_0"]) - 1) < 1e-4
+    with Image.open(out) as fp32, Image.open(tmp_path / "bf16.png") as half:  # the same edit, up to bf16 rounding
+        assert np.abs(np.asarray(fp32, dtype=float) - np.asarray(half, dtype=float)).mean() < 8
 
 
 @pytest.mark.parametrize(("change", "message"), [
