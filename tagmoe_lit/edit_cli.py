@@ -10,7 +10,7 @@ Lightning `.ckpt` (`--ckpt_path`) or a `convert` directory (`--weights`), and ed
 `editing.py` says. `--sampler auto` samples as the release does (`QwenImageSampler`: 30 steps,
 CFG 4, norm rescale, negative " ") for a `convert official` directory and with the config's own
 sampler otherwise; `--resolutions auto` picks the release's ~1 MP list for a converted release and
-the config's aspect buckets (`data.image_size`) otherwise. Beside the image goes a JSON sidecar:
+the config's data buckets (`data.image_size`, or a manifest's `max_area`) otherwise. Beside the image goes a JSON sidecar:
 the instruction, seed, settings, the routing signature g per MoE layer and the tag set nearest the
 alignment head's prediction. Both files are written atomically; a bad input writes nothing.
 """
@@ -102,7 +102,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model.eval().to(args.device)
     model.backbone.to(dtype=getattr(torch, args.dtype))
     use_release = args.resolutions == "release" or (args.resolutions == "auto" and release)
-    resolutions = RELEASE_RESOLUTIONS if use_release else kit_resolutions(cli.datamodule.image_size, model.codec.downsample)
+    data = cli.datamodule
+    if use_release:
+        resolutions, where = RELEASE_RESOLUTIONS, "release"
+    elif hasattr(data, "buckets"):  # a manifest datamodule: the buckets it trains on
+        resolutions, where = [(w, h) for h, w in data.buckets], f"the data's buckets within {data.max_area} px"
+    else:
+        resolutions, where = kit_resolutions(data.image_size, model.codec.downsample), f"buckets at {data.image_size}² px"
     choice = args.sampler if args.sampler != "auto" else ("release" if release else "config")
     sampler = _sampler(model, choice, args.steps, args.guidance)
     start = time.perf_counter()
@@ -119,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "weights": args.ckpt_path or args.weights,
         "sampler": {"class": type(sampler).__name__, "steps": sampler.steps, "guidance": sampler.guidance,
                     "negative_prompt": sampler.negative_prompt, "renormalize": sampler.renormalize},
-        "resolutions": "release" if use_release else f"buckets at {cli.datamodule.image_size}² px",
+        "resolutions": where,
         "routing_signature": None if result.signature_LE is None else {
             f"layer_{i}": [round(float(p), 6) for p in row] for i, row in enumerate(result.signature_LE)},
         "predicted_tags": result.predicted_tags,
