@@ -17,6 +17,7 @@ at once and `params --help` does not wait for Lightning. Every command takes `--
 - `study`: the ablation study — train, test and compare every run of a preset, resumably
   (`tagmoe_lit/study/runner.py`);
 - `edit`: edit one image by an instruction, as the release's pipeline does (`tagmoe_lit/edit_cli.py`);
+- `demo`: the same edits on a local web page, with routing bars per MoE layer (`tagmoe_lit/demo.py`);
 - `convert`: the official release's weights into the kit (`convert official`) and a checkpoint out
   to a diffusers-style transformer directory (`convert export`) (`tagmoe_lit/convert/cli.py`);
 - `consolidate`: one `.ckpt` file from a sharded (FSDP2) checkpoint directory
@@ -76,6 +77,7 @@ COMMANDS: dict[str, tuple[str, Callable[[], Main]]] = {
     "knockout": ("test a checkpoint with each expert removed from every MoE layer in turn", _entry("tagmoe_lit.knockout")),
     "study": ("the ablation study: train, test and compare every run of a preset, resumably", _entry("tagmoe_lit.study.runner")),
     "edit": ("edit one image by an instruction with a checkpoint; writes the PNG and a JSON sidecar with the routing", _entry("tagmoe_lit.edit_cli")),
+    "demo": ("a local web page (127.0.0.1) to edit images with a checkpoint and watch the routing per layer", _entry("tagmoe_lit.demo")),
     "convert": ("official release weights into the kit (official), a checkpoint out to diffusers layout (export)", _entry("tagmoe_lit.convert.cli")),
     "consolidate": ("one .ckpt file from a sharded (FSDP2) checkpoint directory", _entry("tagmoe_lit.distributed.cli")),
     "synthtag-export": ("write SynthTAG samples as a JSONL manifest of PNG files", _entry("tagmoe_lit.data.export")),

@@ -40,6 +40,7 @@ RELEASE_RESOLUTIONS: list[tuple[int, int]] = sorted(
     {(w, 2048 - w) for w in range(512, 1537, 64)} | {(512, h) for h in range(1600, 2049, 64)} | {(h, 512) for h in range(1600, 2049, 64)}
 )
 MAX_PIXELS = 64 * 2**20  # larger uploads are refused before decoding (decompression bombs)
+FORMATS = ("PNG", "JPEG", "WEBP")  # the decoders an input may reach: the common, well-fuzzed ones
 
 
 class EditInputError(ValueError):
@@ -52,14 +53,15 @@ def kit_resolutions(image_size: int, multiple: int) -> list[tuple[int, int]]:
 
 
 def open_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """A decoded image, or an `EditInputError` naming the problem (missing, not an image, too large)."""
+    """A decoded PNG, JPEG or WebP, or an `EditInputError` naming the problem (missing, another
+    format, not an image, too large)."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
         raise EditInputError(f"Image {path} does not exist; pass the path of a PNG, JPEG or WebP file.")
     try:
-        with Image.open(path) as probe:
+        with Image.open(path, formats=FORMATS) as probe:
             width, height = probe.size
             if width * height > max_pixels:
                 raise EditInputError(f"Image {path} has {width}×{height} pixels, more than the {max_pixels:,} allowed; downscale it first.")

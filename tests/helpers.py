@@ -185,3 +185,19 @@ def assert_same_run(one: Path, two: Path) -> float:
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-4, rtol=1e-4, msg=lambda m: f"{k}: {m}")
     return diff
+
+
+# -- a tiny checkpoint for `edit` and `demo` ----------------------------------------------------------
+EDIT_MODEL = ["--config", "experiments/base.yaml", *TINY_MODEL, "--model.sampler.init_args.steps", "3"]
+
+
+def tiny_checkpoint(path: Path) -> Path:
+    """A Lightning checkpoint of base.yaml's model scaled down (random weights) at `path`."""
+    from tagmoe_lit.cli import one_cpu_cli
+
+    model = one_cpu_cli(EDIT_MODEL).model
+    model.configure_model()
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path

@@ -10,25 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY_MODEL
+from helpers import EDIT_MODEL, tiny_checkpoint
 from tagmoe_lit.__main__ import main, run
 from tagmoe_lit.cli import one_cpu_cli
 from tagmoe_lit.editing import RELEASE_RESOLUTIONS, EditInputError, nearest_resolution, reference_pixels
 
 ROOT = Path(__file__).parents[1]
-BASE = ["--config", "experiments/base.yaml", *TINY_MODEL, "--model.sampler.init_args.steps", "3"]
+BASE = EDIT_MODEL
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """A tiny base.yaml model's Lightning checkpoint (random weights: what is checked is the command)."""
-    tmp = tmp_path_factory.mktemp("edit")
-    model = one_cpu_cli(BASE).model
-    model.configure_model()
-    checkpoint = {"state_dict": model.state_dict()}
-    model.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, tmp / "last.ckpt")
-    return tmp / "last.ckpt"
+    return tiny_checkpoint(tmp_path_factory.mktemp("edit") / "last.ckpt")
 
 
 def rgba(path, width=50, height=30):
@@ -82,6 +76,7 @@ def test_edit_writes_the_image_and_its_sidecar(ckpt, tmp_path, monkeypatch):
 @pytest.mark.parametrize(("change", "message"), [
     ({"--image": "missing.png"}, "does not exist; pass the path of a PNG"),
     ({"--image": "not_an_image.png"}, "cannot be decoded"),
+    ({"--image": "animation.gif"}, "cannot be decoded"),  # only PNG, JPEG and WebP decoders are reached
     ({"--instruction": "  "}, "The instruction is empty"),
     ({"--out": "edited.jpg"}, "must end in .png"),
     ({"--steps": "0"}, "--steps 0 must be at least 1"),
@@ -89,6 +84,7 @@ def test_edit_writes_the_image_and_its_sidecar(ckpt, tmp_path, monkeypatch):
 def test_bad_inputs_are_one_sentence_and_write_nothing(ckpt, tmp_path, monkeypatch, capsys, change, message):
     monkeypatch.chdir(ROOT)
     (tmp_path / "not_an_image.png").write_text("hello")
+    Image.new("RGB", (8, 8)).save(tmp_path / "animation.gif")
     rgba(tmp_path / "in.png")
     args = {"--image": "in.png", "--instruction": "make it blue", "--out": "edited.png", **change}
     argv = ["edit", *BASE, "--ckpt_path", str(ckpt)]
@@ -97,7 +93,7 @@ def test_bad_inputs_are_one_sentence_and_write_nothing(ckpt, tmp_path, monkeypat
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and message in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "not_an_image.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["animation.gif", "in.png", "not_an_image.png"]
 
 
 def test_an_oracle_router_is_refused(tmp_path):
