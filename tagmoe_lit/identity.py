@@ -11,6 +11,7 @@ has, and must have those five.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ def model_identity(module: TagMoEModule) -> dict[str, Any]:
         "renormalize": first.renormalize if first else None,
         "zero_cond_t": module.backbone.zero_cond_t,
         "components": [c for c in COMPONENTS if getattr(module, c) is not None],
+        "lora": asdict(module.lora) if module.lora is not None else None,
     }
 
 

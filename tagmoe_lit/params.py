@@ -5,8 +5,9 @@ Without `--config` it prints the released Qwen-Image size (60 blocks, width 3072
 `--experts`-expert top-`--top-k` MoE layers without expert biases, as the official release).
 With `--config` (kit YAMLs, composed as for `fit`) it prints that config's backbone. Nothing is
 allocated and no weights are read (a `pretrained_path` contributes its config only), so the full
-20 B model counts in about a second. Only the backbone is counted: the tag embedder and the
-prediction head are training-only and tiny.
+20 B model counts in about a second. Only the backbone is counted in total and active: the tag
+embedder and the prediction head are training-only and tiny; `trainable` counts every parameter
+that learns under the config (`trainable: moe_tail`, LoRA adapters), those two included.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ def config_counts(config_args: list[str]) -> dict:
     from tagmoe_lit.cli import TagMoECLI
 
     cli = TagMoECLI(args=config_args, run=False)
+    model = cli.model
     with torch.device("meta"):
-        cli.model.configure_model()
-    return parameter_counts(cli.model.backbone)
+        model.configure_model()
+    counts = parameter_counts(model.backbone)
+    outside = sum(p.numel() for part in (model.tag_embedder, model.head) if part is not None for p in part.parameters() if p.requires_grad)
+    return {**counts, "trainable": counts["trainable"] + outside, "trainable_outside_backbone": outside}
 
 
 def _billions(n: int) -> str:
@@ -47,10 +51,11 @@ def _billions(n: int) -> str:
 
 def table(rows: dict[str, dict]) -> str:
     """A Markdown table: total and per-token active parameters, and what one MoE layer holds."""
-    lines = ["| model | total | active per token | MoE layers | one MoE layer: total / active |", "|---|---|---|---|---|"]
+    lines = ["| model | total | active per token | trainable | MoE layers | one MoE layer: total / active |", "|---|---|---|---|---|---|"]
     for name, c in rows.items():
         layer = f"{c['layers'][0]['total']:,} / {c['layers'][0]['active']:,}" if c["layers"] else "–"
-        lines.append(f"| {name} | {_billions(c['total'])} | {_billions(c['active'])} | {len(c['layers'])} | {layer} |")
+        lines.append(f"| {name} | {_billions(c['total'])} | {_billions(c['active'])} | {_billions(c['trainable'])} | "
+                     f"{len(c['layers'])} | {layer} |")
     return "\n".join(lines)
 
 

@@ -7,7 +7,8 @@ dtype) in place, copying the weights. Only frozen modules are quantized: the wei
 precision and get no gradient, though inputs still get one (gradients flow *through* them).
 
 Where it applies (`TagMoEModule.quantize_frozen`): the frozen text encoder, and with
-`trainable: moe_tail` the backbone blocks that hold no MoE layer. Quantized modules are for
+`trainable: moe_tail` the backbone blocks that hold no MoE layer, or with `lora` (QLoRA) every
+backbone block's Linears but the routers' (the adapters, the experts and routing stay in full precision). Quantized modules are for
 single-process and DDP runs: FSDP cannot shard bitsandbytes' packed parameters.
 """
 
@@ -43,8 +44,9 @@ def quantized_linear(linear: nn.Linear, mode: QuantMode) -> nn.Module:
     return q.to(device)  # moving the bnb parameters is what quantizes them
 
 
-def quantize_linears(module: nn.Module, mode: QuantMode) -> int:
-    """Replace every `nn.Linear` inside frozen `module` by its `mode` bitsandbytes copy; returns how many.
+def quantize_linears(module: nn.Module, mode: QuantMode, skip: tuple[str, ...] = ()) -> int:
+    """Replace every `nn.Linear` inside frozen `module` (but those whose name starts with or holds a
+    `skip` part) by its `mode` bitsandbytes copy; returns how many.
 
     Raises if any of the module's parameters is trainable: quantized weights get no gradient.
     """
@@ -54,18 +56,26 @@ def quantize_linears(module: nn.Module, mode: QuantMode) -> int:
     if trainable:
         raise ValueError(f"Only frozen modules can be quantized, but {trainable[0]} (and {len(trainable) - 1} more) "
                          "requires grad; freeze it first (e.g. trainable: moe_tail).")
-    targets = [(name, m) for name, m in module.named_modules() if name and type(m) is nn.Linear]
+    targets = [(name, m) for name, m in module.named_modules()
+               if name and type(m) is nn.Linear and not any(name.startswith(s) or s in name for s in skip)]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent_name) if parent_name else module, child, quantized_linear(linear, mode))
     return len(targets)
 
 
-def quantize_frozen(mode: QuantMode, text_encoder: TextEncoder, backbone: Backbone, trainable: str, sharded: bool) -> None:
+def quantize_frozen(mode: QuantMode, text_encoder: TextEncoder, backbone: Backbone, trainable: str, sharded: bool,
+                    lora: bool = False) -> None:
     """Store the frozen text encoder's model and (trainable: moe_tail) the backbone blocks without an
-    MoE layer in `mode`; refuse what cannot be done, and a setting that would quantize nothing."""
-    blocks = []
-    if trainable == "moe_tail":
+    MoE layer, or (lora: QLoRA) every backbone block but its routers, in `mode`; refuse what cannot
+    be done, and a setting that would quantize nothing."""
+    blocks, skip = [], ()
+    if lora:
+        if sharded:
+            raise ValueError("QLoRA (lora with quantize_frozen) quantizes backbone blocks, which FSDP cannot shard; "
+                             "use DDP or a single device, or set quantize_frozen: null.")
+        blocks, skip = list(backbone.blocks), (".router.", "router.")  # routing stays in full precision
+    elif trainable == "moe_tail":
         if sharded:
             raise ValueError("quantize_frozen with trainable: moe_tail quantizes backbone blocks, which FSDP cannot shard; "
                              "use DDP or a single device, or set quantize_frozen: null.")
@@ -74,7 +84,7 @@ def quantize_frozen(mode: QuantMode, text_encoder: TextEncoder, backbone: Backbo
     text_model = text_encoder.frozen_model()
     swapped = quantize_linears(text_model, mode) if text_model is not None else 0
     for block in blocks:
-        swapped += quantize_linears(block, mode)
+        swapped += quantize_linears(block, mode, skip)
     if not swapped:
         raise ValueError(f"quantize_frozen: {mode} found no frozen linear layer (the text encoder "
                          f"{type(text_encoder).__name__} has no frozen model and trainable is {trainable}); "

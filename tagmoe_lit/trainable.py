@@ -33,9 +33,15 @@ def train_only_moe_tail(root: nn.Module, moe_layers: list[nn.Module], others: It
             part.requires_grad_(True)
 
 
-def check_options(trainable: str, quantize_frozen: str | None, meta_init: bool, init_weights: str | None) -> None:
+def check_options(trainable: str, quantize_frozen: str | None, meta_init: bool, init_weights: str | None, lora: bool = False) -> None:
     """Refuse unknown values and combinations that cannot work, all in one error."""
     problems = []
+    if lora and trainable != "all":
+        problems.append(f"lora decides what learns (its adapters, the tag embedder and the head), so trainable must stay "
+                        f"'all', not '{trainable}'")
+    if lora and quantize_frozen and (meta_init or init_weights is not None):
+        problems.append("QLoRA (lora with quantize_frozen) quantizes the backbone as it is built, so it cannot be built on meta "
+                        "or filled by init_weights afterwards; start from backbone.init_args.pretrained_path instead")
     if trainable not in ("all", "moe_tail"):
         problems.append(f"trainable='{trainable}' is unknown; choose 'all' or 'moe_tail'")
     if quantize_frozen not in (None, "int8", "nf4"):

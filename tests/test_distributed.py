@@ -86,6 +86,17 @@ def test_fsdp2_with_idle_experts_equals_one_process_and_consolidates_for_a_singl
     assert cli.trainer.ckpt_path == str(consolidated) and "val/flow_fixed" in cli.trainer.callback_metrics
 
 
+@pytest.mark.slow
+def test_fsdp2_with_lora_and_dropout_equals_one_process(tmp_path):
+    """Adapters inside FSDP2 units (frozen and trainable parameters mixed), their dropout drawn per
+    sample: two ranks train exactly what one process trains on the global batch."""
+    lora = ["--model.lora.rank", "4", "--model.lora.dropout", "0.1", "--model.lora.targets", "[attention, experts, router]"]
+    single(tmp_path / "one", *lora)
+    seconds = torchrun(tmp_path / "two", *FSDP2, *lora)
+    diff = assert_same_run(tmp_path / "one", tmp_path / "two")
+    print(f"\nFSDP2 + LoRA 2×{PER_RANK} vs 1×{2 * PER_RANK}: max loss difference {diff:.2e}, {seconds:.1f} s")
+
+
 def test_meta_init_allocates_nothing_and_trains_after_per_module_materialization():
     """As FSDP1 materializes (each module `to_empty(recurse=False)`, which never reaches the backbone
     wrapper's own RoPE repair): the module rebuilds the RoPE tables at its first forward (pitfall 17)

@@ -81,6 +81,10 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--ckpt_path", required=True, help="a Lightning .ckpt written by `fit`, or a `convert official` directory")
     export.add_argument("--layout", choices=["kit", "official"], default="kit", help="key names: the kit's (any model) or the release's dMoE ones (default: kit)")
     export.add_argument("--dtype", choices=list(DTYPES), help="cast floating-point weights (default: as stored)")
+    lora = export.add_mutually_exclusive_group()
+    lora.add_argument("--merge_lora", action="store_true", help="fold a LoRA model's adapters into its weights (a plain model)")
+    lora.add_argument("--adapter_only", action="store_true",
+                      help="write only a LoRA model's adapters, in peft's format (adapter_model.safetensors + adapter_config.json)")
     for command in (official, export):
         command.add_argument("--dst", required=True, help="output directory (must be new or empty unless --overwrite)")
         command.add_argument("--max_shard_gb", type=float, default=10.0, help="split weights into safetensors shards of at most this size (default: 10)")
@@ -105,10 +109,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             return config
         from tagmoe_lit.cli import one_cpu_cli
-        from tagmoe_lit.convert.export import export, load_checkpoint
+        from tagmoe_lit.convert.export import export, export_adapter, load_checkpoint, merge_lora
 
         cli = one_cpu_cli(rest)
         kept = load_checkpoint(cli.model, args.ckpt_path)
+        if args.adapter_only:
+            files = export_adapter(cli.model, args.dst, args.overwrite)
+            print(f"Exported the LoRA adapters of {args.ckpt_path} to {args.dst}: {', '.join(files)}")
+            return {"files": files}
+        if args.merge_lora:
+            merge_lora(cli.model)
         files = export(cli.model, args.dst, args.layout, DTYPES.get(args.dtype), shard, args.overwrite)
         note = f" ({', '.join(kept)} not in the checkpoint: written as built)" if kept else ""
         print(f"Exported {args.ckpt_path} in the {args.layout} layout to {args.dst}: {', '.join(files)}{note}")

@@ -20,6 +20,7 @@ from tagmoe_lit.convert.load import load_transformer_dir
 from tagmoe_lit.convert.official import to_official
 from tagmoe_lit.convert.transformer import class_files
 from tagmoe_lit.identity import CheckpointMismatchError, model_identity
+from tagmoe_lit.lora import merge_lora_, save_adapter
 from tagmoe_lit.module import TagMoEModule
 
 Layout = Literal["kit", "official"]
@@ -69,6 +70,9 @@ def export(
         max_shard_bytes: larger weights are split into safetensors shards with an index json.
     Returns the written file names.
     """
+    if module.lora is not None:
+        raise ValueError("This model has LoRA adapters, which a transformer directory does not hold; export with "
+                         "--merge_lora (adapters folded into the weights) or --adapter_only (peft's format).")
     config = model_identity(module)
     tensors = kit_tensors(module)
     if dtype is not None:
@@ -83,3 +87,21 @@ def export(
     config["layout"] = layout
     texts = class_files(dict(module.backbone.transformer.config), config)
     return save_transformer_dir(dst, tensors, config, texts, max_shard_bytes, overwrite)
+
+
+def merge_lora(module: TagMoEModule) -> None:
+    """Fold a LoRA model's adapters into its weights: it becomes the plain model it computes."""
+    if module.lora is None:
+        raise ValueError("--merge_lora: this model has no LoRA adapters (model.lora is null); drop the flag.")
+    merge_lora_(module.backbone)
+    module.lora = None
+
+
+def export_adapter(module: TagMoEModule, dst: str | Path, overwrite: bool = False) -> list[str]:
+    """Write a LoRA model's adapters only (peft's format, `lora.save_adapter`)."""
+    if module.lora is None:
+        raise ValueError("--adapter_only: this model has no LoRA adapters (model.lora is null); export the whole model instead.")
+    dst = Path(dst)
+    if dst.exists() and not overwrite and (dst.is_file() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} already exists and is not empty; choose another --dst or pass --overwrite.")
+    return save_adapter(module.backbone.transformer, module.lora, dst)

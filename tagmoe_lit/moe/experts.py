@@ -38,7 +38,15 @@ class StackedExperts(nn.Module):
         # keeps them so the upcycled layer computes exactly the dense FFN at init.
         self.b1_EH = nn.Parameter(torch.empty(num_experts, hidden)) if bias else None
         self.b2_ED = nn.Parameter(torch.empty(num_experts, dim)) if bias else None
+        self.lora: nn.Module | None = None  # a low-rank adapter per expert, attached by `lora.apply_lora`
         self.reset_parameters()
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w1 [E, D, H], w2 [E, H, D]) as every backend uses them: with a LoRA adapter attached,
+        the frozen weights plus its low-rank update (`lora.ExpertLoRA.merged`)."""
+        if self.lora is None:
+            return self.w1_EDH, self.w2_EHD
+        return self.lora.merged(self.w1_EDH, self.w2_EHD)
 
     def reset_parameters(self) -> None:
         """nn.Linear's default init, per expert (used when not upcycling)."""
@@ -56,7 +64,8 @@ class StackedExperts(nn.Module):
         none = [None] * self.num_experts
         b1 = self.b1_EH.unbind(0) if self.b1_EH is not None else none
         b2 = self.b2_ED.unbind(0) if self.b2_ED is not None else none
-        return list(zip(self.w1_EDH.unbind(0), b1, self.w2_EHD.unbind(0), b2))
+        w1, w2 = self.weights()
+        return list(zip(w1.unbind(0), b1, w2.unbind(0), b2))
 
     @staticmethod
     def _mlp(x_MD: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
@@ -78,7 +87,9 @@ class StackedExperts(nn.Module):
         """
         b1 = self.b1_EH if self.b1_EH is not None else self.w1_EDH.new_zeros(0)
         b2 = self.b2_ED if self.b2_ED is not None else self.w2_EHD.new_zeros(0)
-        return _SortedExperts.apply(x_MD, counts_E.tolist(), self.w1_EDH, b1, self.w2_EHD, b2)
+        dtype = _compute_dtype(x_MD)  # its matmuls write into buffers (`out=`), which autocast does not cast
+        w1, w2 = self.weights()
+        return _SortedExperts.apply(x_MD.to(dtype), counts_E.tolist(), *(t.to(dtype) for t in (w1, b1, w2, b2)))
 
     def forward_grouped(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Tokens already sorted by expert: two grouped GEMMs over all experts at once.
@@ -90,10 +101,9 @@ class StackedExperts(nn.Module):
         the tokens and weights are cast to the autocast dtype here, as autocast would for a matmul.
         """
         offs_E = counts_E.cumsum(0).to(torch.int32)
-        kind = x_MD.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x_MD.dtype
+        dtype = _compute_dtype(x_MD)
         x_MD = x_MD.to(dtype)
-        w1, w2 = self.w1_EDH.to(dtype), self.w2_EHD.to(dtype)
+        w1, w2 = (w.to(dtype) for w in self.weights())
         h_MH = torch._grouped_mm(x_MD.contiguous(), w1, offs=offs_E)
         if self.b1_EH is not None:
             h_MH = h_MH + self.b1_EH.to(h_MH.dtype).repeat_interleave(counts_E, dim=0, output_size=x_MD.shape[0])
@@ -101,6 +111,12 @@ class StackedExperts(nn.Module):
         if self.b2_ED is not None:
             y_MD = y_MD + self.b2_ED.to(y_MD.dtype).repeat_interleave(counts_E, dim=0, output_size=x_MD.shape[0])
         return y_MD
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `x` would run in here: autocast's, inside an autocast region."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 class _SortedExperts(torch.autograd.Function):

@@ -16,7 +16,8 @@ def _numel(module: nn.Module) -> int:
 
 
 def parameter_counts(model: nn.Module) -> dict:
-    """{"total", "active", "layers": [{"name", "total", "active"}, …]} for every MoE layer in `model`."""
+    """{"total", "active", "trainable", "layers": [{"name", "total", "active"}, …]} for every MoE layer in `model`
+    (trainable: parameters that get gradients, e.g. only LoRA adapters)."""
     total, inactive, layers = _numel(model), 0, []
     for name, module in model.named_modules():
         if isinstance(module, MoELayer):
@@ -24,4 +25,5 @@ def parameter_counts(model: nn.Module) -> dict:
             active = experts * module.top_k // module.num_experts + router
             layers.append({"name": name, "total": experts + router, "active": active})
             inactive += experts + router - active
-    return {"total": total, "active": total - inactive, "layers": layers}
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "active": total - inactive, "trainable": trainable, "layers": layers}
