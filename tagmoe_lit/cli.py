@@ -153,7 +153,11 @@ class ParseOnly(TagMoECLI):
         """Nothing is built: the config is only parsed and checked."""
 
 
-def resolved_config(args: list[str]) -> str:
-    """The YAML of every option after composing `args` (configs and overrides), nothing instantiated."""
+def resolved_config(args: list[str], leave_out: dict[str, object] | None = None) -> str:
+    """The YAML of every option after composing `args` (configs and overrides), nothing instantiated;
+    an option of `leave_out` (dotted key → value) is left out while it has that value."""
     cli = ParseOnly(args=args, run=False)
+    for key, value in (leave_out or {}).items():
+        if key in cli.config and cli.config[key] == value:
+            del cli.config[key]
     return cli.parser.dump(cli.config, skip_none=False)

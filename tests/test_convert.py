@@ -7,146 +7,18 @@ MoE forward written from its definition (router Linear → softmax → top-1 max
 """
 
 import json
-from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import QwenImageTransformer2DModel
 from safetensors.torch import save_file
-from torch import nn
 
+from helpers import (E, LAYERS, MOE_BLOCKS, TAG_DIM, CONFIG, ReleaseMoE, dense_transformer, kit_module, release_state, release_transformer, transformer_inputs, write_release)
 from tagmoe_lit.__main__ import run
-from tagmoe_lit.align import SumTagEmbedder
-from tagmoe_lit.backbone import QwenImageBackbone
 from tagmoe_lit.convert import files, from_official, kit_tensors, load_transformer_dir, read_state_dict, to_official, transformer_from_dir
 from tagmoe_lit.convert.export import load_checkpoint
 from tagmoe_lit.identity import CheckpointMismatchError
-from tagmoe_lit.module import TagMoEModule
 from tagmoe_lit.moe import MoELayer
-
-E, LAYERS, MOE_BLOCKS, TAG_DIM = 4, 3, (1, 2), 64
-BACKBONE = dict(num_layers=LAYERS, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 6, 6), moe_blocks=len(MOE_BLOCKS),
-                zero_cond_t=False)  # the release modulates reference tokens with the target's timestep
-CONFIG = f"""
-model:
-  backbone:
-    class_path: tagmoe_lit.backbone.QwenImageBackbone
-    init_args:
-      num_layers: {LAYERS}
-      num_attention_heads: 2
-      attention_head_dim: 16
-      axes_dims_rope: [4, 6, 6]
-      zero_cond_t: false
-      moe_blocks: {len(MOE_BLOCKS)}
-      moe:
-        class_path: tagmoe_lit.moe.MoELayer
-        init_args: {{num_experts: {E}, expert_bias: false}}
-  tag_embedder:
-    class_path: tagmoe_lit.align.SumTagEmbedder
-    init_args: {{dim: {TAG_DIM}}}
-data:
-  schema: official18
-"""
-
-
-def kit_module(num_experts: int = E, schema: str = "official18", zero_cond_t: bool = False, **moe) -> TagMoEModule:
-    """The kit model a converted release loads into (bias-free experts, linear router, reference tokens
-    modulated with the target's timestep)."""
-    torch.manual_seed(1)
-    make_moe = partial(MoELayer, **{"num_experts": num_experts, "expert_bias": False, **moe})
-    backbone = partial(QwenImageBackbone, moe=make_moe, **{**BACKBONE, "zero_cond_t": zero_cond_t})
-    module = TagMoEModule(schema=schema, backbone=backbone, tag_embedder=partial(SumTagEmbedder, dim=TAG_DIM))
-    module.configure_model()
-    return module
-
-
-def dense_transformer(module: TagMoEModule) -> QwenImageTransformer2DModel:
-    """A dense diffusers transformer of the kit model's sizes, with its own random weights."""
-    torch.manual_seed(2)
-    return QwenImageTransformer2DModel.from_config(module.backbone.transformer.config)
-
-
-def release_state(dense: nn.Module, tag: bool = True, head: bool = True, seed: int = 3) -> dict[str, torch.Tensor]:
-    """`dense`'s state dict in the release layout: dMoE image FFNs in MOE_BLOCKS, optional tag table and head."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {k: v.clone() for k, v in dense.state_dict().items() if not any(k.startswith(f"transformer_blocks.{i}.img_mlp.") for i in MOE_BLOCKS)}
-    D = dense.inner_dim
-    H = 4 * D
-    for i in MOE_BLOCKS:
-        pre = f"transformer_blocks.{i}.img_mlp."
-        sd[pre + "router.layer.weight"] = torch.randn(E, D, generator=g)  # large logits: confident, varied routing
-        sd[pre + "experts.mlp.w1"] = torch.randn(E * H, D, generator=g) / D**0.5
-        sd[pre + "experts.mlp.w2"] = torch.randn(E * H, D, generator=g) / H**0.5
-        sd[pre + "experts.bias"] = torch.randn(D, generator=g)  # returned by dMoE, discarded by the release
-    if tag:
-        sd["tag_embedding.weight"] = torch.randn(18, TAG_DIM, generator=g)
-    if head:
-        for j, (n_out, n_in) in zip((0, 2, 4), ((256, E), (256, 256), (TAG_DIM, 256))):
-            sd[f"router_head.net.{j}.weight"] = torch.randn(n_out, n_in, generator=g) / n_in**0.5
-            sd[f"router_head.net.{j}.bias"] = torch.randn(n_out, generator=g)
-    return sd
-
-
-class ReleaseMoE(nn.Module):
-    """The release's image FFN: MegaBlocks dMoE at top-1, with the block's `[0]` (bias dropped)."""
-
-    def __init__(self, sd: dict[str, torch.Tensor], block: int):
-        super().__init__()
-        pre = f"transformer_blocks.{block}.img_mlp."
-        self.router, self.w1, self.w2 = (sd[pre + k] for k in ("router.layer.weight", "experts.mlp.w1", "experts.mlp.w2"))
-
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
-        probs_NE = (x_ND @ self.router.T).softmax(-1)
-        prob_N, expert_N = probs_NE.max(-1)  # top-1, weighted by the raw probability (no renormalization)
-        H = self.w1.shape[0] // self.router.shape[0]
-        out_ND = torch.zeros_like(x_ND)
-        for e in range(self.router.shape[0]):
-            sel = expert_N == e
-            w1_e, w2_e = self.w1[e * H : (e + 1) * H], self.w2[e * H : (e + 1) * H]
-            out_ND[sel] = F.gelu(x_ND[sel] @ w1_e.T, approximate="tanh") @ w2_e * prob_N[sel, None]
-        return out_ND.view_as(x_BTD)
-
-
-def release_transformer(dense: QwenImageTransformer2DModel, sd: dict[str, torch.Tensor]) -> QwenImageTransformer2DModel:
-    """`dense` with the release's dense weights and `ReleaseMoE` image FFNs: the release's whole forward."""
-    for i in MOE_BLOCKS:
-        dense.transformer_blocks[i].img_mlp = ReleaseMoE(sd, i)
-    dense.load_state_dict({k: v for k, v in sd.items() if k in dense.state_dict()})
-    return dense.eval()
-
-
-def transformer_inputs(transformer: nn.Module, B: int = 2, grid: tuple[int, int] = (4, 4), L: int = 5) -> dict:
-    cfg = transformer.config
-    g = torch.Generator().manual_seed(4)
-    return dict(
-        hidden_states=torch.randn(B, 2 * grid[0] * grid[1], cfg.in_channels, generator=g),  # target + reference frame
-        encoder_hidden_states=torch.randn(B, L, cfg.joint_attention_dim, generator=g),
-        encoder_hidden_states_mask=None,
-        timestep=torch.tensor([0.3, 0.8]),
-        img_shapes=[[(1, *grid), (1, *grid)]] * B,
-        return_dict=False,
-    )
-
-
-def write_release(folder: Path, sd: dict[str, torch.Tensor], config: str | None = None, shards: int = 3) -> Path:
-    """The release as diffusers ships it: `transformer/` with safetensors shards, an index json and config.json."""
-    folder = folder / "transformer"
-    folder.mkdir(parents=True)
-    keys = list(sd)
-    weight_map = {}
-    for j in range(shards):
-        name = f"diffusion_pytorch_model-{j + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: sd[k].contiguous() for k in keys[j::shards]}
-        save_file(part, folder / name)
-        weight_map.update(dict.fromkeys(part, name))
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    if config:
-        (folder / "config.json").write_text(config)
-    return folder.parent
-
 
 @pytest.fixture(scope="module")
 def release():

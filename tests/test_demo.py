@@ -44,7 +44,7 @@ def wait_for(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"the demo exited with {process.returncode}: {process.stdout.read()}")
+            raise AssertionError(f"the demo exited with {process.returncode}: {process.log.read_text()[-3000:]}")
         try:
             urllib.request.urlopen(url, timeout=2).read()
             return
@@ -60,8 +60,10 @@ def demo(tmp_path):
     port, tmp = free_port(), tmp_path / "tmp"
     tmp.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "demo.log", "w")  # a file, not a pipe: a full pipe nobody reads would block the demo
     process = subprocess.Popen([sys.executable, "-m", "tagmoe_lit", "demo", *EDIT_MODEL, "--ckpt_path", str(ckpt), "--port", str(port)],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    process.log = tmp_path / "demo.log"
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_for(url, process)
@@ -73,6 +75,7 @@ def demo(tmp_path):
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
+        log.close()
 
 
 def test_the_page_edits_an_upload_and_shows_the_routing(demo, tmp_path):
@@ -115,6 +118,9 @@ def test_the_page_edits_an_upload_and_shows_the_routing(demo, tmp_path):
     assert any(u.startswith(url) for u in web)
     outside = sorted(u for u in web if not u.startswith((url, url.replace("http:", "ws:"))))
     assert not outside, f"the page reached outside the demo: {outside[:5]}"
-    process.send_signal(signal.SIGINT)
-    process.wait(30)
+    process.send_signal(signal.SIGINT)  # Ctrl-C: Gradio closes its server, the demo removes its folder
+    try:
+        process.wait(120)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the demo did not stop on Ctrl-C: {process.log.read_text()[-3000:]}") from None
     assert not list(tmp.glob("tagmoe_demo_*")), "the demo's temporary folder outlived it"

@@ -9,9 +9,7 @@ import json
 import pytest
 import torch
 from diffusers import DiffusionPipeline, QwenImagePipeline, QwenImageTransformer2DModel
-from test_convert import CONFIG, E, LAYERS, MOE_BLOCKS, kit_module, transformer_inputs
-
-from helpers import TINY_TRANSFORMER
+from helpers import CONFIG, E, LAYERS, MOE_BLOCKS, TINY_TRANSFORMER, kit_module, transformer_output
 from tagmoe_lit import TagMoEQwenImageTransformer2DModel
 from tagmoe_lit.__main__ import run
 from tagmoe_lit.convert import transformer_from_dir
@@ -38,11 +36,6 @@ def exported(tmp_path_factory):
     return module, dirs
 
 
-def output(transformer: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return transformer.eval()(**transformer_inputs(transformer))[0]
-
-
 @pytest.mark.parametrize("layout", ["single", "sharded"])
 @pytest.mark.parametrize("low_cpu_mem_usage", [True, False])
 def test_export_loads_through_diffusers_from_pretrained_with_every_moe_weight(exported, layout, low_cpu_mem_usage):
@@ -56,7 +49,7 @@ def test_export_loads_through_diffusers_from_pretrained_with_every_moe_weight(ex
     assert len(mine) == len(transformer.state_dict())
     for key, value in transformer.state_dict().items():  # not re-initialized: every tensor is the checkpoint's
         torch.testing.assert_close(value, mine["backbone.transformer." + key], rtol=0, atol=0)
-    torch.testing.assert_close(output(transformer), output(module.backbone.transformer))
+    torch.testing.assert_close(transformer_output(transformer), transformer_output(module.backbone.transformer))
 
 
 def test_dtype_on_load_and_the_save_pretrained_round_trip(exported, tmp_path):
@@ -69,7 +62,7 @@ def test_dtype_on_load_and_the_save_pretrained_round_trip(exported, tmp_path):
         transformer.save_pretrained(tmp_path / name, max_shard_size=shard)
         assert not (tmp_path / name / "config.json").exists()  # so the dense class cannot take it
         again = TagMoEQwenImageTransformer2DModel.from_pretrained(tmp_path / name)
-        torch.testing.assert_close(output(again), output(transformer), rtol=0, atol=0)
+        torch.testing.assert_close(transformer_output(again), transformer_output(transformer), rtol=0, atol=0)
     assert (tmp_path / "many" / "diffusion_pytorch_model.safetensors.index.json").is_file()
 
 
@@ -110,7 +103,7 @@ def test_a_directory_written_before_the_class_still_loads(exported, tmp_path):
     shutil.copytree(dirs["single"], old)
     (old / CONFIG_NAME).unlink()
     (old / "config.json").write_text(module.backbone.transformer.to_json_string())
-    torch.testing.assert_close(output(transformer_from_dir(old)), output(module.backbone.transformer), rtol=0, atol=0)
+    torch.testing.assert_close(transformer_output(transformer_from_dir(old)), transformer_output(module.backbone.transformer), rtol=0, atol=0)
     (old / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="neither tagmoe_transformer.json nor diffusers' config.json"):
         transformer_from_dir(old)

@@ -2,14 +2,13 @@
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
 from tagmoe_lit.cli import TagMoECLI
 from tagmoe_lit.moe import MLPRouter
 from tagmoe_lit.identity import CheckpointMismatchError
-from helpers import BASE, smoke_args
+from helpers import BASE, checkpoint_weights, smoke_args
 
 
 def fit(tmp_path: Path, *extra: str, steps: int = 2) -> TagMoECLI:
@@ -24,30 +23,16 @@ def test_router_swap_from_the_command_line_trains(tmp_path):
     assert cli.trainer.global_step == 2
 
 
-def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt, weights_only=True, map_location="cpu")["state_dict"]
-
-
-class StopAt(L.Callback):
-    """Interrupt a run after `step` optimizer steps without changing max_steps (and so the LR schedule)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        trainer.should_stop = trainer.should_stop or trainer.global_step >= self.step
-
-
 def test_resume_is_bit_exact(tmp_path):
     straight = fit(tmp_path / "a", "--trainer.limit_val_batches", "0", steps=6)
-    half = fit(tmp_path / "b", "--trainer.limit_val_batches", "0", "--trainer.callbacks+=test_fit.StopAt",
+    half = fit(tmp_path / "b", "--trainer.limit_val_batches", "0", "--trainer.callbacks+=helpers.StopAt",
                "--trainer.callbacks.step", "3", steps=6)
     assert half.trainer.global_step == 3
     first = Path(half.trainer.checkpoint_callback.last_model_path)
     resumed = fit(tmp_path / "b", "--trainer.limit_val_batches", "0", "--ckpt_path", str(first), steps=6)
     assert resumed.trainer.global_step == 6
-    a = _weights(Path(straight.trainer.checkpoint_callback.last_model_path))
-    b = _weights(Path(resumed.trainer.checkpoint_callback.last_model_path))
+    a = checkpoint_weights(Path(straight.trainer.checkpoint_callback.last_model_path))
+    b = checkpoint_weights(Path(resumed.trainer.checkpoint_callback.last_model_path))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
@@ -58,15 +43,15 @@ def test_aux_free_bias_moves_each_step_and_survives_resume(tmp_path):
               "--model.backbone.init_args.moe.init_args.router.init_args.update_rate", "0.01",
               "--trainer.limit_val_batches", "0"]
     straight = fit(tmp_path / "a", *router, steps=4)
-    half = fit(tmp_path / "b", *router, "--trainer.callbacks+=test_fit.StopAt", "--trainer.callbacks.step", "2", steps=4)
+    half = fit(tmp_path / "b", *router, "--trainer.callbacks+=helpers.StopAt", "--trainer.callbacks.step", "2", steps=4)
     resumed = fit(tmp_path / "b", *router, "--ckpt_path", half.trainer.checkpoint_callback.last_model_path, steps=4)
-    a = _weights(Path(straight.trainer.checkpoint_callback.last_model_path))
-    b = _weights(Path(resumed.trainer.checkpoint_callback.last_model_path))
+    a = checkpoint_weights(Path(straight.trainer.checkpoint_callback.last_model_path))
+    b = checkpoint_weights(Path(resumed.trainer.checkpoint_callback.last_model_path))
     biases = [k for k in a if k.endswith("router.expert_bias")]
     assert len(biases) == 2
     for k in biases:
         assert a[k].abs().sum() > 0 and torch.equal(a[k], b[k]), k
-    assert _weights(Path(half.trainer.checkpoint_callback.last_model_path))[biases[0]].abs().max() <= 2 * 0.01 + 1e-6
+    assert checkpoint_weights(Path(half.trainer.checkpoint_callback.last_model_path))[biases[0]].abs().max() <= 2 * 0.01 + 1e-6
 
 
 def test_checkpoint_from_another_expert_count_is_refused_clearly(tmp_path):

@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from helpers import BASE, TINY_MODEL, smoke_args, tiny_batch, tiny_module
+from helpers import BASE, TINY_MODEL, checkpoint_weights, smoke_args, tiny_batch, tiny_module, transformer_output
 from tagmoe_lit.__main__ import run
 from tagmoe_lit.cli import TagMoECLI
 from tagmoe_lit.distributed.materialize import materialize_
 from tagmoe_lit.identity import CheckpointMismatchError
-from tagmoe_lit.lora import ExpertLoRA, LinearLoRA, LoRA, adapters, load_adapter, merge_lora_, save_adapter
+from tagmoe_lit.lora import ExpertLoRA, LinearLoRA, LoRA, adapters, load_adapter, merge_lora_
 from tagmoe_lit.moe import StackedExperts
 
 ALL = LoRA(rank=4, alpha=8.0, targets=["attention", "ffn", "router", "experts"])
@@ -86,13 +86,11 @@ def test_adapters_built_on_meta_start_at_zero_when_materialized():
 
 
 def test_resume_with_lora_and_dropout_is_bit_exact(tmp_path):
-    from test_fit import _weights
-
     straight = fit(tmp_path / "a", steps=4)
-    half = fit(tmp_path / "b", "--trainer.callbacks+=test_fit.StopAt", "--trainer.callbacks.step", "2", steps=4)
+    half = fit(tmp_path / "b", "--trainer.callbacks+=helpers.StopAt", "--trainer.callbacks.step", "2", steps=4)
     resumed = fit(tmp_path / "b", "--ckpt_path", half.trainer.checkpoint_callback.last_model_path, steps=4)
-    a = _weights(Path(straight.trainer.checkpoint_callback.last_model_path))
-    b = _weights(Path(resumed.trainer.checkpoint_callback.last_model_path))
+    a = checkpoint_weights(Path(straight.trainer.checkpoint_callback.last_model_path))
+    b = checkpoint_weights(Path(resumed.trainer.checkpoint_callback.last_model_path))
     assert a.keys() == b.keys() and any(".lora." in k for k in a)
     moved = [k for k in a if ".lora.B" in k and torch.count_nonzero(a[k])]
     assert moved, "the adapters did not learn"
@@ -131,7 +129,6 @@ def test_adapter_only_checkpoints_round_trip_and_export_merges(tmp_path):
         run(["convert", "export", *config, "--ckpt_path", ckpt, "--dst", str(tmp_path / "unmerged")])
     run(["convert", "export", *config, "--ckpt_path", ckpt, "--dst", str(tmp_path / "merged"), "--merge_lora"])
     from tagmoe_lit import TagMoEQwenImageTransformer2DModel
-    from test_diffusers_model import output as transformer_output
 
     merged = TagMoEQwenImageTransformer2DModel.from_pretrained(tmp_path / "merged")
     for layer in cli.model.moe_layers:

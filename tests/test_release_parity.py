@@ -7,7 +7,7 @@ latents normalized with latents_mean / latents_std and packed 2×2, the T2I prom
 34 prefix tokens dropped from `hidden_states[-1]`, `FlowMatchEulerDiscreteScheduler` with Qwen-Image's
 config, σ = linspace(1, 1/N, N) and μ from the token count, the transformer called with t/1000 on
 [target, reference] tokens, true CFG 4 with the per-token norm rescale and negative prompt " ". The
-release's MoE forward is `test_convert.ReleaseMoE`. Two things are taken like with like: the VAE's
+release's MoE forward is `helpers.ReleaseMoE`. Two things are taken like with like: the VAE's
 *mode* (the release draws `latent_dist.sample()` from the unseeded global RNG, so no run of it is
 reproducible), and the reference frame fed through diffusers' two-frame `img_shapes` (the release's
 `cond_hidden_states` + `get_img_rope(frame_idx=1)`: the same RoPE for a reference of the target's size).
@@ -23,9 +23,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
-from test_convert import E, TAG_DIM, release_state, release_transformer, write_release
-
-from helpers import TINY_TRANSFORMER
+from helpers import E, TAG_DIM, TINY_TRANSFORMER, release_state, release_transformer, write_release
 from tagmoe_lit.__main__ import run
 from tagmoe_lit.align import SumTagEmbedder
 from tagmoe_lit.backbone import QwenImageBackbone, QwenVAECodec, QwenVLTextEncoder

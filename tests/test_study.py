@@ -294,3 +294,14 @@ def test_a_screening_preset_resolves_every_run_to_a_distinct_config(name, count,
     preset = Preset.load(ROOT / f"experiments/study/{name}.yaml", root=ROOT)
     runs = preset.runs()
     assert len({fingerprint(r, [], preset.curves).current for r in runs}) == len(runs) == count
+
+
+def test_an_option_added_later_leaves_finished_runs_alone_at_its_default(monkeypatch):
+    """`model.lora: null` (and EulerSampler's `renormalize: false`) compute what the kit computed before
+    they existed: at those values they are left out of the fingerprint; set, they change it."""
+    monkeypatch.chdir(ROOT)
+    preset = Preset.load(ROOT / "experiments/study/main.yaml", root=ROOT)
+    run = next(r for r in preset.runs() if r.name == "tagmoe/seed0")
+    recorded = json.loads((ROOT / "docs/results/runs/main" / run.variant / f"seed{run.seed}" / "done.json").read_text())
+    assert fingerprint(run, [], preset.curves).current == recorded["fingerprint"]
+    assert fingerprint(run, ["--model.lora.rank", "4"], preset.curves).current != recorded["fingerprint"]

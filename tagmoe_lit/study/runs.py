@@ -57,10 +57,15 @@ def fingerprint(run: Run, extra: list[str], curves: Curves) -> RunKey:
     from tagmoe_lit.cli import resolved_config
 
     where = ["--trainer.default_root_dir", ".", "--trainer.logger.init_args.save_dir", "."]  # set per run at fit
-    config = resolved_config([*_seeded(run, extra), *where])
+    config = resolved_config([*_seeded(run, extra), *where], leave_out=LATER_NOOPS)
     extras = json.dumps([run.curve and (curves.every_n_steps, curves.test_samples), run.knockout])
     old = legacy_config(config)
     return RunKey(_digest(config + extras), None if old is None else _digest(old + extras))
+
+
+# Options added after runs were recorded, at the value that computes exactly what the kit did before
+# them: left out of the fingerprint at that value, so a new option never retrains a finished study.
+LATER_NOOPS = {"model.lora": None, "model.sampler.init_args.renormalize": False}
 
 
 def _digest(text: str) -> str:
