@@ -9,7 +9,8 @@ Lightning `.ckpt` (`--ckpt_path`) or a `convert` directory (`--weights`), and ed
 CFG 4, norm rescale, negative " ") for a `convert official` directory and with the config's own
 sampler otherwise; `--resolutions auto` picks the release's ~1 MP list for a converted release and
 the config's data buckets (`data.image_size`, or a manifest's `max_area`) otherwise. Beside the
-image goes a JSON sidecar: the instruction, seed, settings, the routing signature g per MoE layer
+image goes a JSON sidecar: the instruction (and, with `--rewrite`, the instruction a local
+Qwen2.5-VL restated it as, which the edit used), seed, settings, the routing signature g per MoE layer
 and the tag set nearest the alignment head's prediction. Both files are written atomically; a bad
 input writes nothing. `Editor` (the loaded model with these settings) also serves `demo`.
 """
@@ -53,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", required=True, help="what to change, in words")
     p.add_argument("--out", default="edited.png", help="output PNG (a .json sidecar is written beside it; default: edited.png)")
     p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default: 0)")
+    p.add_argument("--rewrite", metavar="QWEN_VL_DIR",
+                   help="first restate the instruction with a local Qwen2.5-VL folder (tagmoe_lit/rewrite.py); "
+                        "the sidecar keeps both")
     return p
 
 
@@ -158,9 +162,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.steps is not None:
         _steps(args.steps)
     image = open_image(args.image)  # before the model is built: a bad image fails in a second
+    instruction = args.instruction
+    if args.rewrite:
+        from tagmoe_lit.rewrite import InstructionRewriter
+
+        instruction = InstructionRewriter(args.rewrite, args.device)(args.instruction, args.image)
     editor = load_editor(args, rest)
-    result, record = editor(image, args.instruction, args.seed)
-    record = {"image": str(args.image), **record}
+    result, record = editor(image, instruction, args.seed)
+    record = {"image": str(args.image), **record, "instruction": args.instruction,
+              "rewritten_instruction": instruction if args.rewrite else None}
     atomic_write_bytes(out, png_bytes(result.image))
     atomic_write_text(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     tags = f"; the router reads it as {', '.join(result.predicted_tags)}" if result.predicted_tags else ""

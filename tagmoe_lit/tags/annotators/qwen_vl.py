@@ -37,8 +37,64 @@ def _turn(role: str, content: str) -> str:
     return f"<|im_start|>{role}\n{content}<|im_end|>\n"
 
 
+class LocalQwenVL:
+    """A Qwen2.5-VL (transformers `Qwen2_5_VLForConditionalGeneration`) from a local folder, loaded on
+    first use: reads images as it wants them and answers chat texts greedily. Serves the annotator
+    and `edit --rewrite` (`tagmoe_lit/rewrite.py`)."""
+
+    def __init__(self, model_path: str | Path, device: str = "cpu", dtype: str = "auto", max_new_tokens: int = 128,
+                 max_pixels: int = 512 * 28 * 28, owner: str = "QwenVLAnnotator"):
+        self.model_path = Path(model_path)
+        if not (self.model_path / "config.json").is_file():
+            raise ValueError(
+                f"{owner}: '{model_path}' is not a local model folder with a config.json; "
+                "download a Qwen2.5-VL checkpoint (e.g. Qwen/Qwen2.5-VL-7B-Instruct) there and pass its path."
+            )
+        if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"{owner}: dtype {dtype!r} is not a torch dtype; use 'auto', 'float32', 'bfloat16' or 'float16'.")
+        if max_new_tokens < 1:
+            raise ValueError(f"{owner}: need max_new_tokens >= 1; got {max_new_tokens}.")
+        self.device, self.dtype, self.max_new_tokens, self.max_pixels = device, dtype, max_new_tokens, max_pixels
+        self.fingerprint = folder_fingerprint(self.model_path)
+        self._model = self._processor = None
+
+    def load(self):
+        if self._model is None:
+            from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            dtype = "auto" if self.dtype == "auto" else getattr(torch, self.dtype)
+            self._processor = AutoProcessor.from_pretrained(self.model_path, local_files_only=True)
+            self._processor.tokenizer.padding_side = "left"  # batched generation continues every row at the end
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.model_path, local_files_only=True, dtype=dtype)
+            self._model = model.to(self.device).eval()
+        return self._model, self._processor
+
+    def read_image(self, path: Path) -> tuple[bytes, torch.Tensor]:
+        """(file bytes, uint8 [3, H, W] no larger than max_pixels); OSError or RuntimeError when unreadable."""
+        from torchvision.io import ImageReadMode, decode_image
+        from torchvision.transforms.v2.functional import resize
+
+        data = path.read_bytes()
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        H, W = image.shape[-2:]
+        if H * W > self.max_pixels:
+            scale = (self.max_pixels / (H * W)) ** 0.5
+            image = resize(image, [max(28, int(H * scale)), max(28, int(W * scale))], antialias=True)
+        return data, image
+
+    @torch.no_grad()
+    def generate(self, texts: list[str], images: list[torch.Tensor]) -> list[str]:
+        """Greedy answers to chat `texts` (each ending in the assistant's turn), images in slot order."""
+        model, processor = self.load()
+        inputs = processor(text=texts, images=images or None, return_tensors="pt", padding=True).to(self.device)
+        out = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        return processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
 class QwenVLAnnotator:
-    """Qwen2.5-VL (transformers `Qwen2_5_VLForConditionalGeneration`) from a local folder."""
+    """Tags asked of a `LocalQwenVL`."""
 
     name = "qwen_vl"
 
@@ -67,58 +123,23 @@ class QwenVLAnnotator:
             cache_dir: answer cache folder (None: no cache).
         """
         self.schema = TagSchema.load(schema) if isinstance(schema, str) else schema
-        self.model_path = Path(model_path)
-        if not (self.model_path / "config.json").is_file():
-            raise ValueError(
-                f"QwenVLAnnotator: '{model_path}' is not a local model folder with a config.json; "
-                "download a Qwen2.5-VL checkpoint (e.g. Qwen/Qwen2.5-VL-7B-Instruct) there and pass its path."
-            )
-        if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"QwenVLAnnotator: dtype {dtype!r} is not a torch dtype; use 'auto', 'float32', 'bfloat16' or 'float16'.")
-        if batch_size < 1 or retries < 0 or max_new_tokens < 1:
-            raise ValueError(
-                f"QwenVLAnnotator: need batch_size >= 1, retries >= 0, max_new_tokens >= 1; got {batch_size}, {retries}, {max_new_tokens}."
-            )
-        self.batch_size, self.max_new_tokens, self.retries = batch_size, max_new_tokens, retries
-        self.device, self.dtype, self.max_pixels = device, dtype, max_pixels
+        self.vl = LocalQwenVL(model_path, device, dtype, max_new_tokens, max_pixels)
+        if batch_size < 1 or retries < 0:
+            raise ValueError(f"QwenVLAnnotator: need batch_size >= 1, retries >= 0; got {batch_size}, {retries}.")
+        self.batch_size, self.max_new_tokens, self.retries, self.max_pixels = batch_size, max_new_tokens, retries, max_pixels
         self.system = build_prompt(self.schema)
         self.cache = AnswerCache(cache_dir)
-        self._fingerprint = folder_fingerprint(self.model_path)
-        self._model = self._processor = None
+        self._fingerprint = self.vl.fingerprint
 
-    # -- model -----------------------------------------------------------------------------------
-    def _load(self):
-        if self._model is None:
-            from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
-            dtype = "auto" if self.dtype == "auto" else getattr(torch, self.dtype)
-            self._processor = AutoProcessor.from_pretrained(self.model_path, local_files_only=True)
-            self._processor.tokenizer.padding_side = "left"  # batched generation continues every row at the end
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(self.model_path, local_files_only=True, dtype=dtype)
-            self._model = model.to(self.device).eval()
-        return self._model, self._processor
-
-    def _read_image(self, path: Path) -> tuple[bytes, torch.Tensor]:
-        """(file bytes, uint8 [3, H, W] no larger than max_pixels); OSError or RuntimeError when unreadable."""
-        from torchvision.io import ImageReadMode, decode_image
-        from torchvision.transforms.v2.functional import resize
-
-        data = path.read_bytes()
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        H, W = image.shape[-2:]
-        if H * W > self.max_pixels:
-            scale = (self.max_pixels / (H * W)) ** 0.5
-            image = resize(image, [max(28, int(H * scale)), max(28, int(W * scale))], antialias=True)
-        return data, image
+    def _generate(self, texts: list[str], images: list[torch.Tensor]) -> list[str]:
+        return self.vl.generate(texts, images)
 
     def _read_sources(self, sources: Sequence[Path]) -> tuple[list[tuple[bytes, torch.Tensor]], str | None]:
         """Every source read, or no image and the problem with the first unreadable one."""
         read = []
         for path in sources:
             try:
-                read.append(self._read_image(path))
+                read.append(self.vl.read_image(path))
             except (OSError, RuntimeError) as err:
                 return [], f"source image '{path}' cannot be read ({type(err).__name__}: {err})"
         return read, None
@@ -131,13 +152,6 @@ class QwenVLAnnotator:
         for answer, reason in history:
             text += _turn("assistant", answer) + _turn("user", RETRY_REQUEST.format(reason=reason))
         return text + "<|im_start|>assistant\n"
-
-    @torch.no_grad()
-    def _generate(self, texts: list[str], images: list[torch.Tensor]) -> list[str]:
-        model, processor = self._load()
-        inputs = processor(text=texts, images=images or None, return_tensors="pt", padding=True).to(self.device)
-        out = model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        return processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
     # -- annotation ------------------------------------------------------------------------------
     def _flagged(self, answers: list[str], problem: str) -> Annotation:
