@@ -180,11 +180,15 @@ def adapters(root: nn.Module) -> list[nn.Module]:
     return [m for m in root.modules() if isinstance(m, (LinearLoRA, ExpertLoRA))]
 
 
-def seed_dropout(root: nn.Module, seeds: list[int]) -> None:
-    """Give every Linear adapter the batch's per-sample dropout seeds (each adapter mixes in its index)."""
-    for adapter in adapters(root):
-        if isinstance(adapter, LinearLoRA):
-            adapter.seeds = list(seeds)
+def seed_dropout(root: nn.Module, sample_seeds: list[int]) -> None:
+    """Give every Linear adapter the batch's dropout seeds, one per sample, from the samples' step
+    seeds (`Draws.seeds`; each adapter mixes in its index)."""
+    from tagmoe_lit.objective import step_seed
+
+    linear = [a for a in adapters(root) if isinstance(a, LinearLoRA) and a.dropout > 0]
+    seeds = [step_seed(seed, "lora") for seed in sample_seeds] if linear else []
+    for adapter in linear:
+        adapter.seeds = seeds
 
 
 @torch.no_grad()

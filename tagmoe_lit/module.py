@@ -33,14 +33,14 @@ from tagmoe_lit.generation import generate
 from tagmoe_lit.identity import check_checkpoint, model_identity
 from tagmoe_lit.moe import MoELayer, RoutingRecord, RoutingStats
 from tagmoe_lit.moe.expert_counts import end_step, reset_counts
-from tagmoe_lit.objective import Draws, FlowObjective, check_finite, conditioning, flow_by_sigma_quartile, step_seed
+from tagmoe_lit.objective import Draws, FlowObjective, check_finite, conditioning, flow_by_sigma_quartile
 from tagmoe_lit.optim import AdamW, WarmupCosine, build_optimizer
 from tagmoe_lit.protocols import Backbone, BackboneFactory, Codec, Head, HeadFactory, TagEmbedder, TagEmbedderFactory, TextEncoder
-from tagmoe_lit.lora import LoRA, apply_lora, seed_dropout
-from tagmoe_lit.quantize import QuantMode, quantize_frozen
+from tagmoe_lit.lora import LoRA, seed_dropout
+from tagmoe_lit.quantize import QuantMode
 from tagmoe_lit.sampling import EulerSampler
 from tagmoe_lit.tags import TagSchema
-from tagmoe_lit.trainable import check_options, freeze_unreachable, train_only_moe_tail
+from tagmoe_lit.trainable import check_options, settle_parameters
 
 
 class TagMoEModule(L.LightningModule):
@@ -106,9 +106,7 @@ class TagMoEModule(L.LightningModule):
                 them with every module's declared init; weights from `init_weights` or `--ckpt_path`.
             init_weights: weights to start from, loaded once built and sharded (`--ckpt_path` wins): a dense
                 diffusers Qwen-Image folder (experts upcycled from its FFNs) or a `convert` directory.
-            lora: fine-tune low-rank adapters on these targets (`lora.py`) with the backbone frozen (tag
-                embedder and head stay trainable); with quantize_frozen the frozen backbone is stored in
-                int8 / nf4 (QLoRA). null: no adapters.
+            lora: low-rank adapters on a frozen backbone (`lora.py`); with quantize_frozen, QLoRA.
         """
         super().__init__()
         self.schema = TagSchema.load(schema)
@@ -152,16 +150,7 @@ class TagMoEModule(L.LightningModule):
         if self.meta_init:
             self.weights.refuse_dropped(self.backbone)
         self.weights.record_shapes(self)
-        freeze_unreachable(self.backbone.dead_ends())
-        if self.trainable == "moe_tail":
-            train_only_moe_tail(self, self.moe_layers, [self.tag_embedder, self.head])
-        if self.lora is not None:
-            self.backbone.requires_grad_(False)  # frozen before quantize_frozen looks for frozen blocks
-        if self.quantize_frozen:
-            quantize_frozen(self.quantize_frozen, self.text_encoder, self.backbone, self.trainable, sharded=self.device_mesh is not None,
-                            lora=self.lora is not None)
-        if self.lora is not None:
-            apply_lora(self.backbone, self.lora)
+        settle_parameters(self, sharded=self.device_mesh is not None)
         others = [p for p in (self.tag_embedder, self.head) if p is not None]
         strategy = self._trainer.strategy if self._trainer is not None else None
         wrap_model(self.backbone, others, self.device_mesh, strategy, self.meta_init)
@@ -209,16 +198,11 @@ class TagMoEModule(L.LightningModule):
         h, w = self.grid(x)
         return self.objective.fixed_noise(batch["index"].tolist(), purpose, (h * w, self.codec.token_channels), x)
 
-    def sample_positions(self, B: int, batch_idx: int) -> range:
-        """The positions of this micro-batch's samples in the step's global batch (ranks × micro-batches)."""
-        micro, world = (batch_idx % self.trainer.accumulate_grad_batches, self.trainer.world_size) if self._trainer else (0, 1)
-        first = (micro * world + self.global_rank) * B
-        return range(first, first + B)
-
     def training_draws(self, x: torch.Tensor, batch_idx: int) -> Draws:
         """σ, ε and dropouts of a training batch, by the samples' positions in the step's global batch."""
+        micro, world = (batch_idx % self.trainer.accumulate_grad_batches, self.trainer.world_size) if self._trainer else (0, 1)
         h, w = self.grid(x)
-        first = self.sample_positions(x.shape[0], batch_idx).start
+        first = (micro * world + self.global_rank) * x.shape[0]
         return self.objective.training_draws(x.shape[0], (h * w, self.codec.token_channels), x, self.global_step, first)
 
     def loss_terms(self, batch: dict, sigma: torch.Tensor, noise: torch.Tensor, drop_text: torch.Tensor, drop_ref: torch.Tensor,
@@ -247,9 +231,7 @@ class TagMoEModule(L.LightningModule):
         x = batch["target"]
         B = x.shape[0]
         draws = self.training_draws(x, batch_idx)
-        if self.lora is not None and self.lora.dropout:
-            seeds = [step_seed(self.objective.seed, "lora", self.global_step, i) for i in self.sample_positions(B, batch_idx)]
-            seed_dropout(self.backbone, seeds)
+        seed_dropout(self.backbone, draws.seeds)  # LoRA's dropout masks (nothing to seed without adapters)
         terms = self.loss_terms(batch, draws.sigma_B.to(x.device), draws.noise_BTP, draws.drop_text_B, draws.drop_ref_B)
         check_finite(terms, self.global_step)
         per_sample = terms.pop("flow_per_sample")

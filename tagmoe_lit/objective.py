@@ -43,6 +43,7 @@ class Draws:
     noise_BTP: torch.Tensor  # ε in token space (on the images' device and dtype)
     drop_text_B: torch.Tensor  # train with the empty instruction (for CFG)
     drop_ref_B: torch.Tensor  # train an edit with a blank reference frame
+    seeds: list[int]  # each sample's step seed (its other draws, e.g. LoRA dropout, start from it)
 
 
 class FlowObjective:
@@ -75,13 +76,14 @@ class FlowObjective:
         `step`'s global batch (micro-batch m of A on rank r of W holds (m·W + r)·B …, the data
         modules' layout), so 2 ranks × B draw exactly what 1 rank × 2B does."""
         sigma, noise, drop_text, drop_ref = [], [], [], []
-        for i in range(B):
-            gen = torch.Generator().manual_seed(step_seed(self.seed, "train", step, first + i))
+        seeds = [step_seed(self.seed, "train", step, first + i) for i in range(B)]
+        for seed in seeds:
+            gen = torch.Generator().manual_seed(seed)
             sigma.append(self.timesteps(1, gen))
             noise.append(self._noise(shape_TP, like, gen))
             drop_text.append(torch.rand(1, generator=gen) < self.text_dropout)
             drop_ref.append(torch.rand(1, generator=gen) < self.reference_dropout)
-        return Draws(torch.cat(sigma), torch.cat(noise), torch.cat(drop_text), torch.cat(drop_ref))
+        return Draws(torch.cat(sigma), torch.cat(noise), torch.cat(drop_text), torch.cat(drop_ref), seeds)
 
     def fixed_noise(self, indices: list[int], purpose: str, shape_TP: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
         """ε per sample seeded by (seed, purpose, the sample's dataset index): the same for a sample

@@ -1,4 +1,6 @@
-"""Which parameters learn: what cannot reach the loss always freezes, `moe_tail` freezes the rest.
+"""Which parameters learn: what cannot reach the loss always freezes, `moe_tail` freezes the rest,
+`lora` freezes the backbone and adds adapters; `settle_parameters` runs these, and the quantization
+of frozen parts, in the one order that works.
 
 `freeze_unreachable`: modules whose output nothing reads (the backbone names them: in the MM-DiT,
 the last block's text stream) never get a gradient. Left trainable, DDP stops with "parameters that
@@ -12,8 +14,12 @@ the head learn; the rest of the backbone is frozen (and may be stored in 8/4 bit
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from tagmoe_lit.module import TagMoEModule
 
 
 def freeze_unreachable(dead_ends: Iterable[nn.Module]) -> None:
@@ -54,3 +60,22 @@ def check_options(trainable: str, quantize_frozen: str | None, meta_init: bool, 
                         "start from backbone.init_args.pretrained_path instead, or set quantize_frozen: null")
     if problems:
         raise ValueError("TagMoEModule: " + "; ".join(problems) + ".")
+
+
+def settle_parameters(module: TagMoEModule, sharded: bool) -> None:
+    """Freeze what cannot or must not learn, store frozen parts in 8/4 bits if asked, attach LoRA
+    adapters: the backbone is frozen before quantization looks for frozen blocks, and adapters go on
+    after it, onto the quantized layers (QLoRA)."""
+    from tagmoe_lit.lora import apply_lora
+    from tagmoe_lit.quantize import quantize_frozen
+
+    freeze_unreachable(module.backbone.dead_ends())
+    if module.trainable == "moe_tail":
+        train_only_moe_tail(module, module.moe_layers, [module.tag_embedder, module.head])
+    if module.lora is not None:
+        module.backbone.requires_grad_(False)
+    if module.quantize_frozen:
+        quantize_frozen(module.quantize_frozen, module.text_encoder, module.backbone, module.trainable, sharded,
+                        lora=module.lora is not None)
+    if module.lora is not None:
+        apply_lora(module.backbone, module.lora)
