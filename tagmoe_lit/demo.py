@@ -7,7 +7,7 @@ MoE layer (the routing signature g over the experts) and the tags the router rea
 It edits exactly as `edit` does (`edit_cli.Editor`, the same options). Safe by default, because a
 demo is easy to leave running: it binds 127.0.0.1 (`--host` to change it, knowingly), never makes a
 share link, accepts only PNG, JPEG and WebP uploads up to `--max_upload_mb` and `--max_pixels`,
-runs one edit at a time (at most 4 more wait in the queue), keeps uploads and results in a temporary folder that is
+runs one edit at a time with a queue of one (a second request waits, a third is turned away), keeps uploads and results in a temporary folder that is
 removed on exit (and swept every 10 minutes while it runs), sends no analytics, and serves every
 font and script itself (a system font stack: no web fonts).
 """
@@ -127,7 +127,7 @@ def theme():
 
 def launch(app, host: str, port: int, max_upload_mb: float, block: bool = True):
     """Serve `app` with the safe settings (see the module docstring); returns Gradio's launch result."""
-    app.queue(max_size=4, default_concurrency_limit=1)
+    app.queue(max_size=1, default_concurrency_limit=1)
     return app.launch(
         server_name=host, server_port=port, share=False, max_file_size=int(max_upload_mb * 2**20), footer_links=[],
         ssr_mode=False, theme=theme(), css=CSS, quiet=True, prevent_thread_lock=not block, inbrowser=False, show_error=True,
