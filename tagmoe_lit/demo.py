@@ -7,9 +7,10 @@ MoE layer (the routing signature g over the experts) and the tags the router rea
 It edits exactly as `edit` does (`edit_cli.Editor`, the same options). Safe by default, because a
 demo is easy to leave running: it binds 127.0.0.1 (`--host` to change it, knowingly), never makes a
 share link, accepts only PNG, JPEG and WebP uploads up to `--max_upload_mb` and `--max_pixels`,
-runs one edit at a time with a queue of one (a second request waits, a third is turned away), keeps uploads and results in a temporary folder that is
-removed on exit (and swept every 10 minutes while it runs), sends no analytics, and serves every
-font and script itself (a system font stack: no web fonts).
+runs one edit at a time with a queue of one (a second request waits, a third is turned away),
+keeps uploads and results in a temporary folder that is removed on exit (and swept every 10
+minutes while it runs), sends no analytics, and serves every font and script itself (a system font
+stack: no web fonts).
 """
 
 from __future__ import annotations
