@@ -142,10 +142,24 @@ def test_bad_plans_are_refused_in_one_sentence(capsys):
         plan(BASE + ["--config", str(ROOT / "experiments/strategy/fsdp.yaml")], world_size=2)
 
 
+def test_every_rank_holds_the_frozen_encoders_whole(tiny, sharded):
+    """Not sharded, not in the tracked step: added per rank. The bundled MiniLM in fp32; Qwen-Image's
+    Qwen2.5-VL-7B and VAE counted on meta from their configs (the release's published sizes)."""
+    from tagmoe_lit.backbone import FrozenTextEncoder
+    from tagmoe_lit.plan.encoders import qwen_vae_parameters, qwen_vl_parameters
+
+    minilm = sum(p.numel() * 4 for p in FrozenTextEncoder().frozen_model().parameters())
+    for p in (tiny, sharded):
+        assert p["memory_bytes"]["frozen_encoders"] == {"text encoder": minilm, "codec": 0}  # a pixel codec holds nothing
+        assert p["memory_bytes"]["peak_with_encoders"] == p["memory_bytes"]["peak"] + minilm
+    assert qwen_vl_parameters() == 8_292_166_656 and qwen_vae_parameters() == 126_892_531
+
+
 def test_the_command_prints_a_table_or_json(capsys):
     main([*BASE[:2], "--trainer.precision", "bf16-mixed", "--micro_batch", "2"])
     out = capsys.readouterr().out
     assert "| parameters |" in out and "micro-batch 2" in out and "H100 at MFU 0.4" in out
+    assert "| + frozen text encoder (a whole copy on every rank) |" in out and "peak total, with the frozen encoders" in out
 
 
 @pytest.mark.slow
@@ -157,6 +171,7 @@ def test_full_size_qwen_image_plans_on_8_ranks():
     assert p["parameter_count"]["backbone"] == 22_695_294_528
     assert p["host_ram_bytes"]["start_from_weights"] == 2 * sum(p["parameter_count"].values())
     assert abs(p["flops"]["measured"] - p["flops"]["closed_form"]) <= 0.02 * p["flops"]["closed_form"]
+    assert p["memory_bytes"]["frozen_encoders"] == {"text encoder": 8_292_166_656 * 2, "codec": 126_892_531 * 4}  # bf16, fp32
 
 
 def test_8bit_adamw_state_closed_form_equals_bitsandbytes_real_states():

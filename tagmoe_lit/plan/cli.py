@@ -77,6 +77,7 @@ def summarize(s: Setup, m: Measured, mfu: float) -> dict[str, Any]:
             "parameters": _kind(m.after_step, "Param"), "gradients": _kind(m.after_step, "Grad"),
             "optimizer_state": measured_states, "peak_by_kind": memory, "peak": peak,
             "saved_for_backward": m.forward_end.get("Activation", 0),
+            "frozen_encoders": dict(s.frozen), "peak_with_encoders": peak + sum(s.frozen.values()),
         },
         "closed_form_bytes": {
             "parameters": sharded_bytes(tracked, W, 4),
@@ -94,7 +95,7 @@ def summarize(s: Setup, m: Measured, mfu: float) -> dict[str, Any]:
             "consolidation": total_params * 4 + (optimizer_state_bytes(s.optimizer, optimized, 1) or 0),  # all shards gathered
         },
         "step_seconds": {f"{gpu} at MFU {mfu}": step_seconds(m.flops, mfu, nvlink, network) for gpu in HBM},
-        "fits": {gpu: peak <= hbm * 0.95 for gpu, hbm in HBM.items()},
+        "fits": {gpu: peak + sum(s.frozen.values()) <= hbm * 0.95 for gpu, hbm in HBM.items()},
         "checks": {"moe_input_dtypes": sorted(set(m.moe_dtypes)), "attention": m.attention_ops,
                    "optimizer_states": "closed form (cannot run on fake tensors)" if m.optimizer_stand_in else "measured"},
     }
@@ -109,7 +110,7 @@ def _kind(snapshot: dict[str, int], word: str) -> int:
 def table(p: dict[str, Any]) -> str:
     """The plan as Markdown: rank 0's memory, then FLOPs, collectives, host RAM and step times."""
     c, mem, cf, fl = p["config"], p["memory_bytes"], p["closed_form_bytes"], p["flops"]
-    unit, scale = ("GiB", GIB) if mem["peak"] >= GIB else ("MiB", 2**20)
+    unit, scale = ("GiB", GIB) if mem["peak_with_encoders"] >= GIB else ("MiB", 2**20)
     g = lambda b: "–" if b is None else f"{b / scale:.3f}"  # noqa: E731
     lines = [
         f"plan: {c['world_size']} rank(s){' (HSDP: shards of ' + str(c['shards']) + ')' if c['hybrid_shard'] else ''}, micro-batch {c['micro_batch']}, {c['image_hw'][0]}×{c['image_hw'][1]} px, "
@@ -122,7 +123,9 @@ def table(p: dict[str, Any]) -> str:
         f"| optimizer state ({p['checks']['optimizer_states']}) | {g(mem['optimizer_state'])} | {g(cf['optimizer_state'])} |",
         f"| activations saved for backward (end of forward) | {g(mem['saved_for_backward'])} | |",
         *[f"| at peak: {k} | {g(v)} | |" for k, v in mem["peak_by_kind"].items()],
-        f"| **peak total** | **{g(mem['peak'])}** | |",
+        f"| **peak of the training step** | **{g(mem['peak'])}** | |",
+        *[f"| + frozen {k} (a whole copy on every rank) | | {g(v)} |" for k, v in mem["frozen_encoders"].items() if v],
+        f"| **peak total, with the frozen encoders** | **{g(mem['peak_with_encoders'])}** | |",
         *([f"| + tag embedder and head: parameters, gradients (own FSDP roots, not tracked) | | {g(p['untracked_bytes'])} |"]
           if p["untracked_bytes"] else []),
         "",

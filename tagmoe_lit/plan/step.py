@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tagmoe_lit.backbone.qwen_image import QWEN_IMAGE_IO
 from tagmoe_lit.plan.closed_form import Shapes
+from tagmoe_lit.plan.encoders import frozen_encoder_bytes
 from tagmoe_lit.plan.fake import (CollectiveLog, StubCodec, StubTextEncoder, cuda_attention, fake_world, frozen_safe,
                                   register_grouped_mm_flops)
 
@@ -45,6 +46,7 @@ class Setup:
     precision: str
     optimizer: str
     per_node: int = 8  # ranks per node (trainer.devices): NVLink inside, the network between nodes
+    frozen: dict[str, int] = field(default_factory=dict)  # bytes of each frozen encoder on every rank
 
     @property
     def hybrid(self) -> bool:
@@ -102,6 +104,7 @@ def setup(config_args: list[str], world_size: int | None, micro_batch: int | Non
     if (world_size or devices) > 1 and not isinstance(strategy, ModelParallelStrategy):
         raise PlanError(f"{world_size or devices} ranks without FSDP2: under DDP every rank holds what one does, so plan "
                         "it with --world_size 1, or add experiments/strategy/fsdp2.yaml to shard.")
+    frozen = frozen_encoder_bytes(text, codec, module.codec)
     module.codec = _stub_codec(codec, module.codec)
     limit = int(text.init_args.get("max_length") or 0) if text is not None else module.text_encoder.max_length
     text_tokens = min(text_tokens, limit) if limit else text_tokens  # never more than the encoder keeps
@@ -111,7 +114,7 @@ def setup(config_args: list[str], world_size: int | None, micro_batch: int | Non
     world = devices if world_size is None else world_size
     return Setup(module, strategy, world, int(data.batch_size) if micro_batch is None else micro_batch,
                  image_hw or (size, size), text_tokens, str(trainer.precision), _class_path(config.model.optimizer),
-                 min(per_node, world))
+                 min(per_node, world), frozen)
 
 
 def _class_path(optimizer: Any) -> str:
