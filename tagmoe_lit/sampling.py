@@ -17,7 +17,7 @@ seed, so an image does not depend on its batch-mates) or drawn from an explicit 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -50,22 +50,21 @@ def guided_velocity(
     return guided
 
 
-class EulerSampler:
-    """Settings of the sampler; call it with the model's velocity function."""
+class FlowSampler:
+    """The loop both samplers share: noise at σ = 1, then one guided velocity and one update per step
+    of the subclass's schedule (`_steps`). Call it with the model's velocity function."""
 
-    def __init__(self, steps: int = 30, guidance: float = 4.0, negative_prompt: str = "", shift: float = 1.0,
-                 renormalize: bool = False):
-        """
-        Args:
-            steps: Euler steps from σ = 1 to σ = 0.
-            guidance: classifier-free guidance scale w (1.0 = no guidance, one forward per step).
-            negative_prompt: instruction of the unconditional branch; "" is the null instruction
-                the module's conditioning dropout trains (Qwen-Image's own checkpoints use " ").
-            shift: time shift of the σ grid (> 1 spends more steps at high noise).
-            renormalize: rescale each guided token velocity to its conditional norm (Qwen-Image's rule).
-        """
-        self.steps, self.guidance, self.negative_prompt, self.shift = steps, guidance, negative_prompt, shift
-        self.renormalize = renormalize
+    steps: int
+    guidance: float
+    negative_prompt: str
+    renormalize: bool
+
+    def _steps(self, x: torch.Tensor) -> Iterator[tuple[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]]:
+        """(σ fed to the model [B], update (v, x) → next x) for every step."""
+        raise NotImplementedError
+
+    def _guidance(self) -> float:
+        return self.guidance
 
     @torch.no_grad()
     def __call__(
@@ -82,26 +81,41 @@ class EulerSampler:
 
         `noise` ([B, h·w, P]) is the start at σ = 1; without it, it is drawn from `generator`.
         """
-        B = len(instructions)
-        x = _noise(noise, B, grid, token_channels, generator, reference)
-        sigmas = shift_sigma(torch.linspace(1.0, 0.0, self.steps + 1), self.shift).tolist()
-        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-            sigma = torch.full((B,), s, device=x.device)
-            v = guided_velocity(velocity, x, reference, grid, instructions, sigma, self.guidance, self.negative_prompt,
+        if noise is None:
+            noise = torch.randn(len(instructions), grid[0] * grid[1], token_channels, generator=generator)
+        x = noise.to(reference)
+        for sigma, update in self._steps(x):
+            v = guided_velocity(velocity, x, reference, grid, instructions, sigma, self._guidance(), self.negative_prompt,
                                 self.renormalize)
-            x = x + (s_next - s) * v
+            x = update(v, x)
         return x
 
 
-def _noise(noise: torch.Tensor | None, B: int, grid: tuple[int, int], channels: int, generator: torch.Generator | None,
-           like: torch.Tensor) -> torch.Tensor:
-    if noise is None:
-        noise = torch.randn(B, grid[0] * grid[1], channels, generator=generator)
-    return noise.to(like)
+class EulerSampler(FlowSampler):
+    """The kit's sampler: N Euler steps on linspace(1, 0, N + 1) with a constant time shift."""
+
+    def __init__(self, steps: int = 30, guidance: float = 4.0, negative_prompt: str = "", shift: float = 1.0,
+                 renormalize: bool = False):
+        """
+        Args:
+            steps: Euler steps from σ = 1 to σ = 0.
+            guidance: classifier-free guidance scale w (1.0 = no guidance, one forward per step).
+            negative_prompt: instruction of the unconditional branch; "" is the null instruction
+                the module's conditioning dropout trains (Qwen-Image's own checkpoints use " ").
+            shift: time shift of the σ grid (> 1 spends more steps at high noise).
+            renormalize: rescale each guided token velocity to its conditional norm (Qwen-Image's rule).
+        """
+        self.steps, self.guidance, self.negative_prompt, self.shift = steps, guidance, negative_prompt, shift
+        self.renormalize = renormalize
+
+    def _steps(self, x):
+        sigmas = shift_sigma(torch.linspace(1.0, 0.0, self.steps + 1), self.shift).tolist()
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            yield torch.full((x.shape[0],), s, device=x.device), lambda v, x, d=s_next - s: x + d * v
 
 
-class QwenImageSampler:
-    """The TAG-MoE release's sampling loop (see the module docstring); call it like `EulerSampler`."""
+class QwenImageSampler(FlowSampler):
+    """The TAG-MoE release's sampling loop (see the module docstring)."""
 
     def __init__(self, steps: int = 30, guidance: float = 4.0, negative_prompt: str = " ", renormalize: bool = True,
                  scheduler: dict | None = None):
@@ -128,28 +142,13 @@ class QwenImageSampler:
         slope = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
         return c.base_shift + slope * (tokens - c.base_image_seq_len)
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        velocity: Velocity,
-        instructions: list[str],
-        reference: torch.Tensor,
-        grid: tuple[int, int],
-        token_channels: int,
-        generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def _guidance(self) -> float:
+        return self.guidance if self.guidance > 1 else 1.0
+
+    def _steps(self, x):
         import numpy as np
 
-        B = len(instructions)
-        x = _noise(noise, B, grid, token_channels, generator, reference)
-        sigmas = np.linspace(1.0, 1 / self.steps, self.steps)
-        self.scheduler.set_timesteps(sigmas=sigmas, device=x.device, mu=self.mu(x.shape[1]))
+        self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / self.steps, self.steps), device=x.device, mu=self.mu(x.shape[1]))
         self.scheduler.set_begin_index(0)
-        guidance = self.guidance if self.guidance > 1 else 1.0
-        for t in self.scheduler.timesteps:
-            sigma = (t.expand(B).to(x.dtype)) / 1000  # the release feeds the transformer t / 1000
-            v = guided_velocity(velocity, x, reference, grid, instructions, sigma, guidance, self.negative_prompt,
-                                self.renormalize)
-            x = self.scheduler.step(v, t, x, return_dict=False)[0]
-        return x
+        for t in self.scheduler.timesteps:  # the release feeds the transformer t / 1000, in the latents' dtype
+            yield t.expand(x.shape[0]).to(x.dtype) / 1000, lambda v, x, t=t: self.scheduler.step(v, t, x, return_dict=False)[0]
