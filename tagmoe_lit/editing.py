@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from tagmoe_lit.module import TagMoEModule
-    from tagmoe_lit.sampling import EulerSampler, QwenImageSampler
+    from tagmoe_lit.sampling import FlowSampler
 
 # (width, height): 1024² area class, sides multiples of 64 — w + h = 2048 from 512×1536 to 1536×512,
 # plus the long thin 512 × 1600…2048 and their transposes (33 in all, the release's list)
@@ -106,7 +106,7 @@ class Edit:
 
 
 @torch.no_grad()
-def edit(model: TagMoEModule, pixels_3HW: torch.Tensor, instruction: str, sampler: EulerSampler | QwenImageSampler,
+def edit(model: TagMoEModule, pixels_3HW: torch.Tensor, instruction: str, sampler: FlowSampler,
          seed: int = 0, noise: torch.Tensor | None = None) -> Edit:
     """Edit one image (pixels from `reference_pixels`) by one instruction; `noise` overrides the seed's."""
     if not instruction.strip():

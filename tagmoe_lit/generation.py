@@ -13,14 +13,14 @@ import torch
 
 from tagmoe_lit.flow import interpolate
 from tagmoe_lit.objective import conditioning
-from tagmoe_lit.sampling import EulerSampler, QwenImageSampler
+from tagmoe_lit.sampling import FlowSampler
 
 if TYPE_CHECKING:
     from tagmoe_lit.module import TagMoEModule
 
 
 @torch.no_grad()
-def generate(model: TagMoEModule, batch: dict, sampler: EulerSampler) -> tuple[torch.Tensor, torch.Tensor | None]:
+def generate(model: TagMoEModule, batch: dict, sampler: FlowSampler) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images [B, 3, H, W] in [0, 1] and the routing signature per MoE layer [L, B, E], averaged over
     the sampler's conditional forwards (None for a dense model).
 
@@ -37,7 +37,7 @@ def generate(model: TagMoEModule, batch: dict, sampler: EulerSampler) -> tuple[t
 
 @torch.no_grad()
 def sample(model: TagMoEModule, instructions: list[str], reference: torch.Tensor, grid: tuple[int, int], noise: torch.Tensor,
-           s: torch.Tensor | None, sampler: EulerSampler | QwenImageSampler) -> tuple[torch.Tensor, torch.Tensor | None]:
+           s: torch.Tensor | None, sampler: FlowSampler) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The sampler's clean tokens [B, h·w, P] and the routing signature per MoE layer [L, B, E],
     averaged over its conditional forwards (None for a dense model); `s` reaches oracle routers only."""
     signatures: list[torch.Tensor] = []

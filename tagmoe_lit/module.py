@@ -38,7 +38,7 @@ from tagmoe_lit.optim import AdamW, WarmupCosine, build_optimizer
 from tagmoe_lit.protocols import Backbone, BackboneFactory, Codec, Head, HeadFactory, TagEmbedder, TagEmbedderFactory, TextEncoder
 from tagmoe_lit.lora import LoRA, seed_dropout
 from tagmoe_lit.quantize import QuantMode
-from tagmoe_lit.sampling import EulerSampler
+from tagmoe_lit.sampling import EulerSampler, FlowSampler
 from tagmoe_lit.tags import TagSchema
 from tagmoe_lit.trainable import check_options, settle_parameters
 
@@ -55,7 +55,7 @@ class TagMoEModule(L.LightningModule):
         tag_embedder: TagEmbedderFactory | None = SumTagEmbedder,
         head: HeadFactory = MLPHead,
         timesteps: TimestepSampler | None = None,
-        sampler: EulerSampler | None = None,
+        sampler: FlowSampler | None = None,
         lambda_lb: float = 0.01,
         lambda_align: float = 1.0,
         lambda_z: float = 0.0,
@@ -83,7 +83,7 @@ class TagMoEModule(L.LightningModule):
             tag_embedder: factory (num_tags) → s-embedder; null disables the alignment branch.
             head: factory (num_experts, tag_dim) → prediction head H.
             timesteps: σ sampler called as (n, generator) (default: logit-normal(0, 1)).
-            sampler: image sampler used by `predict` (default: 30 Euler steps, CFG 4).
+            sampler: image sampler of `predict`, `test`, `edit` (default: 30 Euler steps, CFG 4; `QwenImageSampler`: the release's).
             lambda_lb: weight of the load-balancing loss (official: 0.01).
             lambda_align: weight of the alignment loss (paper: unpublished; default 1.0).
             lambda_z: weight of the router z-loss (ST-MoE uses 1e-3; logged even at 0).
@@ -222,7 +222,7 @@ class TagMoEModule(L.LightningModule):
             self.routing = RoutingRecord(stats.detached(), batch["task"].detach(), batch["tags"].detach(), *detached)
         return terms
 
-    def generate(self, batch: dict, sampler: EulerSampler | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def generate(self, batch: dict, sampler: FlowSampler | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Images and per-layer routing signatures sampled for a batch (`generation.generate`)."""
         return generate(self, batch, sampler or self.sampler)
 
