@@ -135,15 +135,29 @@ def launch(app, host: str, port: int, max_upload_mb: float, block: bool = True):
     )
 
 
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM end the demo through its cleanup, even when the process started with SIGINT
+    ignored (a background job of a non-interactive shell inherits that, and Python then raises no
+    KeyboardInterrupt)."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> None:
     args, rest = parser().parse_known_args(argv)
+    _stop_on_signals()
     cache = tempfile.mkdtemp(prefix="tagmoe_demo_")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ["GRADIO_TEMP_DIR"] = cache  # uploads and results live here, and go with it
     try:
         editor = load_editor(args, rest)
         app = build_app(editor, args.max_pixels, cache)
-        print(f"TAG-MoE demo on http://{args.host}:{args.port} (Ctrl-C stops it; files in {cache} are removed then)")
+        print(f"TAG-MoE demo on http://{args.host}:{args.port} (Ctrl-C or SIGTERM stops it; files in {cache} are removed then)")
         launch(app, args.host, args.port, args.max_upload_mb)
     finally:
         shutil.rmtree(cache, ignore_errors=True)

@@ -62,7 +62,7 @@ def demo(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "demo.log", "w")  # a file, not a pipe: a full pipe nobody reads would block the demo
     process = subprocess.Popen([sys.executable, "-m", "tagmoe_lit", "demo", *EDIT_MODEL, "--ckpt_path", str(ckpt), "--port", str(port)],
-                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
     process.log = tmp_path / "demo.log"
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -118,7 +118,7 @@ def test_the_page_edits_an_upload_and_shows_the_routing(demo, tmp_path):
     assert any(u.startswith(url) for u in web)
     outside = sorted(u for u in web if not u.startswith((url, url.replace("http:", "ws:"))))
     assert not outside, f"the page reached outside the demo: {outside[:5]}"
-    process.send_signal(signal.SIGINT)  # Ctrl-C: Gradio closes its server, the demo removes its folder
+    process.send_signal(signal.SIGTERM)  # as a service manager stops it: the demo closes and removes its folder
     try:
         process.wait(120)
     except subprocess.TimeoutExpired:
