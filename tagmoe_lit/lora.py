@@ -1,6 +1,7 @@
 """LoRA (Hu et al. 2021) on the MM-DiT, experts included, applied from outside the model.
 
-`apply_lora(backbone, lora)` freezes the backbone and attaches low-rank adapters to the targets:
+`apply_lora(backbone, lora)` attaches low-rank adapters to the targets of a frozen backbone (with
+`trainable: moe_tail`, of its frozen dense part while the MoE tail trains whole):
 
 - `attention`: every block's q/k/v/out projections of both streams;
 - `ffn`: the dense FFN Linears (text stream everywhere, image stream outside the MoE blocks);
@@ -158,8 +159,8 @@ def _targets(backbone: nn.Module, targets: list[str]) -> list[tuple[str, nn.Modu
 
 
 def apply_lora(backbone: nn.Module, lora: LoRA) -> list[nn.Module]:
-    """Freeze `backbone` and attach adapters to the targets; returns the adapters in module order."""
-    backbone.requires_grad_(False)
+    """Attach adapters to the targets (what else learns is `trainable.settle_parameters`' call: the
+    whole backbone frozen, or all but its MoE tail); returns the adapters in module order."""
     found = _targets(backbone, list(lora.targets))
     if "experts" in lora.targets and not any(isinstance(m, StackedExperts) for _, m in found):
         raise ValueError("model.lora targets experts, but the backbone has no MoE layers; drop 'experts' from targets.")

@@ -119,7 +119,7 @@ class TagMoEModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.warmup_steps, self.cosine_decay, self.min_lr_ratio = warmup_steps, cosine_decay, min_lr_ratio
         self.sample_in_test = sample_in_test
-        check_options(trainable, quantize_frozen, meta_init, init_weights, lora is not None)
+        check_options(trainable, quantize_frozen, meta_init, init_weights, lora is not None, tuple(lora.targets) if lora else ())
         self.trainable, self.quantize_frozen, self.meta_init, self.lora = trainable, quantize_frozen, meta_init, lora
         self.weights = StartingWeights(init_weights)
         self.evaluation = Evaluation()

@@ -70,7 +70,7 @@ def quantize_frozen(mode: QuantMode, text_encoder: TextEncoder, backbone: Backbo
     MoE layer, or (lora: QLoRA) every backbone block but its routers, in `mode`; refuse what cannot
     be done, and a setting that would quantize nothing."""
     blocks, skip = [], ()
-    if lora:
+    if lora and trainable != "moe_tail":
         if sharded:
             raise ValueError("QLoRA (lora with quantize_frozen) quantizes backbone blocks, which FSDP cannot shard; "
                              "use DDP or a single device, or set quantize_frozen: null.")

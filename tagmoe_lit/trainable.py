@@ -1,5 +1,5 @@
 """Which parameters learn: what cannot reach the loss always freezes, `moe_tail` freezes the rest,
-`lora` freezes the backbone and adds adapters; `settle_parameters` runs these, and the quantization
+`lora` freezes the backbone (with `moe_tail`: its dense part) and adds adapters; `settle_parameters` runs these, and the quantization
 of frozen parts, in the one order that works.
 
 `freeze_unreachable`: modules whose output nothing reads (the backbone names them: in the MM-DiT,
@@ -39,12 +39,13 @@ def train_only_moe_tail(root: nn.Module, moe_layers: list[nn.Module], others: It
             part.requires_grad_(True)
 
 
-def check_options(trainable: str, quantize_frozen: str | None, meta_init: bool, init_weights: str | None, lora: bool = False) -> None:
+def check_options(trainable: str, quantize_frozen: str | None, meta_init: bool, init_weights: str | None, lora: bool = False,
+                  lora_targets: tuple[str, ...] = ()) -> None:
     """Refuse unknown values and combinations that cannot work, all in one error."""
     problems = []
-    if lora and trainable != "all":
-        problems.append(f"lora decides what learns (its adapters, the tag embedder and the head), so trainable must stay "
-                        f"'all', not '{trainable}'")
+    if lora and trainable == "moe_tail" and "experts" in lora_targets:
+        problems.append("trainable: moe_tail trains the experts whole, so LoRA cannot also target them; drop 'experts' "
+                        "from model.lora.targets (adapters then go on the frozen dense part)")
     if lora and quantize_frozen and (meta_init or init_weights is not None):
         problems.append("QLoRA (lora with quantize_frozen) quantizes the backbone as it is built, so it cannot be built on meta "
                         "or filled by init_weights afterwards; start from backbone.init_args.pretrained_path instead")
@@ -72,7 +73,7 @@ def settle_parameters(module: TagMoEModule, sharded: bool) -> None:
     freeze_unreachable(module.backbone.dead_ends())
     if module.trainable == "moe_tail":
         train_only_moe_tail(module, module.moe_layers, [module.tag_embedder, module.head])
-    if module.lora is not None:
+    elif module.lora is not None:
         module.backbone.requires_grad_(False)
     if module.quantize_frozen:
         quantize_frozen(module.quantize_frozen, module.text_encoder, module.backbone, module.trainable, sharded,

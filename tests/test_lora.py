@@ -158,7 +158,7 @@ def test_params_counts_what_learns():
 @pytest.mark.parametrize(("option", "message"), [
     (["--model.lora.rank", "0"], "rank=0 must be at least 1"),
     (["--model.lora.targets", "[attention, mlp]"], "must be a non-empty list of"),
-    (["--model.trainable", "moe_tail"], "trainable must stay 'all'"),
+    (["--model.trainable", "moe_tail"], "trainable: moe_tail trains the experts whole, so LoRA cannot also target them"),
 ])
 def test_bad_lora_settings_are_one_sentence(option, message, tmp_path, capsys):
     from tagmoe_lit.__main__ import main
@@ -175,3 +175,13 @@ def test_lora_trains_with_8bit_optimizer_states_and_in_bf16(extra, tmp_path):
     moved = [bool(torch.count_nonzero(b)) for b in bs]  # the last block's text stream reaches no output: its stay 0
     assert bs and all(torch.isfinite(b).all() for b in bs) and sum(moved) >= 0.8 * len(moved)
     assert all(p.dtype == torch.float32 for p in cli.model.backbone.moe_layers[0].router.parameters())
+
+
+def test_moe_tail_trains_the_experts_whole_beside_adapters_on_the_frozen_dense_part(tmp_path):
+    cli = fit(tmp_path, "--model.trainable", "moe_tail", "--model.lora.targets", "[attention]", "--model.quantize_frozen", "nf4",
+              "--model.backbone.init_args.num_layers", "3")
+    learns = {n for n, p in cli.model.named_parameters() if p.requires_grad}
+    assert any(".experts.w1_EDH" in n for n in learns) and any(".attn.to_q.lora.B" in n for n in learns)
+    assert not any(n.endswith(".attn.to_q.weight") for n in learns)
+    dense = cli.model.backbone.blocks[0]  # quantized (moe_tail's rule), with adapters on top
+    assert isinstance(dense.attn.to_q, bnb.nn.Linear4bit) and torch.count_nonzero(dense.attn.to_q.lora.B) > 0
