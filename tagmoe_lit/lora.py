@@ -79,6 +79,7 @@ class LinearLoRA(nn.Module):
         self.B = nn.Parameter(torch.empty(linear.out_features, lora.rank, **kw))
         self.scale, self.dropout, self.index = lora.scale, lora.dropout, index
         self.seeds: list[int] | None = None  # one per sample of the batch, set each step by `seed_dropout`
+        self.hook = None  # the Linear's forward hook that adds this adapter (removed by `merge_lora_`)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -172,7 +173,7 @@ def apply_lora(backbone: nn.Module, lora: LoRA) -> list[nn.Module]:
             module.lora = ExpertLoRA(module, lora)
         else:
             module.lora = LinearLoRA(module, lora, index)
-            module.register_forward_hook(_add_lora)
+            module.lora.hook = module.register_forward_hook(_add_lora)
         adapters.append(module.lora)
     return adapters
 
@@ -203,9 +204,11 @@ def merge_lora_(root: nn.Module) -> int:
             module.w1_EDH += d1.to(module.w1_EDH.dtype)
             module.w2_EHD += d2.to(module.w2_EHD.dtype)
         elif isinstance(adapter, LinearLoRA):
+            if not module.weight.is_floating_point():
+                raise ValueError("LoRA adapters cannot be merged into 8/4-bit weights (QLoRA); load the model without "
+                                 "quantize_frozen (--model.quantize_frozen null) to merge them.")
             module.weight += adapter.delta().to(module.weight.dtype)
-            module._forward_hooks = type(module._forward_hooks)(
-                (k, h) for k, h in module._forward_hooks.items() if h is not _add_lora)
+            adapter.hook.remove()
         else:
             continue
         module.lora = None
