@@ -24,7 +24,7 @@ from tagmoe_lit.cli import TagMoECLI
 from tagmoe_lit.moe import RoutingStats, load_balancing_loss
 from tagmoe_lit.moe.expert_counts import global_counts
 from tagmoe_lit.moe.stats import LayerRouting
-from helpers import FSDP2, PER_RANK, STEPS, assert_same_run, common, single, tiny_batch, tiny_module, torchrun
+from helpers import FSDP2, PER_RANK, STEPS, assert_same_run, common, last_weights, losses, single, tiny_batch, tiny_module, torchrun
 
 KNOCKOUT = ["--trainer.callbacks+=test_distributed.Knockout"]  # experts 1-3 of the first MoE layer idle
 
@@ -95,6 +95,20 @@ def test_fsdp2_with_lora_and_dropout_equals_one_process(tmp_path):
     seconds = torchrun(tmp_path / "two", *FSDP2, *lora)
     diff = assert_same_run(tmp_path / "one", tmp_path / "two")
     print(f"\nFSDP2 + LoRA 2×{PER_RANK} vs 1×{2 * PER_RANK}: max loss difference {diff:.2e}, {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_parameter_gather_trains_as_the_fp32_gather_does(tmp_path):
+    """`param_dtype: bfloat16` gathers parameters in bf16 and reduces gradients in fp32, routers in
+    fp32: the same run up to bf16 rounding, and the stored (sharded) parameters stay fp32."""
+    torchrun(tmp_path / "fp32", *FSDP2)
+    seconds = torchrun(tmp_path / "bf16", *FSDP2, "--trainer.strategy.init_args.param_dtype", "bfloat16")
+    a, b = losses(tmp_path / "fp32", 2), losses(tmp_path / "bf16", 2)
+    diff = max(abs(x - y) for x, y in zip(a, b))
+    assert 0 < diff < 0.02 * max(a), (a, b)  # bf16 rounding, not another run
+    weights = last_weights(tmp_path / "bf16")
+    assert {w.dtype for w in weights.values() if w.is_floating_point()} == {torch.float32}
+    print(f"\nFSDP2 bf16 vs fp32 parameter gather: losses {a} vs {b} (max difference {diff:.2e}), {seconds:.1f} s")
 
 
 def test_meta_init_allocates_nothing_and_trains_after_per_module_materialization():

@@ -142,6 +142,18 @@ def test_bad_plans_are_refused_in_one_sentence(capsys):
         plan(BASE + ["--config", str(ROOT / "experiments/strategy/fsdp.yaml")], world_size=2)
 
 
+def test_a_bf16_parameter_gather_halves_the_gathered_bytes_and_keeps_routers_fp32(sharded):
+    """`param_dtype: bfloat16`: the stored shards and the fp32 gradient reduce-scatter stay; the
+    all-gathered parameters are bf16, but for the routers (their own fp32 units) and the tag
+    embedder and head (fp32 roots of their own)."""
+    bf16 = plan(BASE + FSDP2 + ["--trainer.strategy.init_args.param_dtype", "bfloat16"], world_size=8)
+    fp32, half = sharded["collective_bytes"], bf16["collective_bytes"]
+    assert bf16["memory_bytes"]["parameters"] == sharded["memory_bytes"]["parameters"]
+    assert half["reduce_scatter_buffers"] == fp32["reduce_scatter_buffers"]
+    assert 0.5 * fp32["all_gather_buffers"] < half["all_gather_buffers"] < 0.6 * fp32["all_gather_buffers"]
+    assert half["calls"][0] > fp32["calls"][0]  # the routers' own all-gathers
+
+
 def test_every_rank_holds_the_frozen_encoders_whole(tiny, sharded):
     """Not sharded, not in the tracked step: added per rank. The bundled MiniLM in fp32; Qwen-Image's
     Qwen2.5-VL-7B and VAE counted on meta from their configs (the release's published sizes)."""

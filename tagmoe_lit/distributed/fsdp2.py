@@ -61,6 +61,7 @@ def parallelize(
     activation_checkpointing: bool = False,
     hybrid_shard: bool = False,
     reshard_after_forward: bool = True,
+    param_dtype: str | None = None,
 ) -> nn.Module:
     """FSDP2 on `module`: optionally checkpoint each of `blocks`, shard each block, then the root.
 
@@ -71,12 +72,24 @@ def parallelize(
         activation_checkpointing: recompute each block's activations in backward (`checkpoint_wrapper`).
         hybrid_shard: HSDP over a 2-D mesh instead of sharding over all ranks (see module doc).
         reshard_after_forward: free gathered parameters after forward (ZeRO-3); False keeps them to backward.
+        param_dtype: gather parameters in this dtype ("bfloat16": half the all-gather bytes and the
+            gathered copies) and reduce gradients in fp32 (`MixedPrecisionPolicy`); None gathers
+            them as stored (fp32). The MoE routers are then units of their own, gathered in fp32:
+            routing stays in full precision (DESIGN.md pitfall 4).
     """
+    import torch
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from tagmoe_lit.moe.layer import MoELayer
 
     mesh = shard_mesh(device_mesh, hybrid_shard)
     options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, "shard_placement_fn": shard_placement(mesh.size(-1))}
+    if param_dtype is not None:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype), reduce_dtype=torch.float32)
+        fp32 = {**options, "mp_policy": MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)}
+        for layer in [m for m in module.modules() if isinstance(m, MoELayer)]:
+            fully_shard(layer.router, **fp32)
     for i, block in enumerate(blocks if blocks is not None else []):
         if activation_checkpointing:
             blocks[i] = block = checkpoint_wrapper(block)

@@ -21,6 +21,7 @@ class FSDP2Options:
     activation_checkpointing: bool = False
     hybrid_shard: bool = False
     reshard_after_forward: bool = True
+    param_dtype: str | None = None
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -31,6 +32,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         activation_checkpointing: bool = False,
         hybrid_shard: bool = False,
         reshard_after_forward: bool = True,
+        param_dtype: Literal["bfloat16"] | None = None,
         data_parallel_size: Literal["auto"] | int = "auto",
         tensor_parallel_size: Literal["auto"] | int = "auto",
         save_distributed_checkpoint: bool = True,
@@ -45,6 +47,9 @@ class FSDP2Strategy(ModelParallelStrategy):
                 nodes × devices mesh) instead of sharding over all ranks.
             reshard_after_forward: free gathered parameters after forward (ZeRO-3); false keeps them
                 to backward (more memory, one all-gather less per block).
+            param_dtype: bfloat16 gathers parameters in bf16 (half the all-gather traffic and gathered
+                memory; gradients still reduced in fp32, routers gathered in fp32); null gathers the
+                fp32 parameters as stored.
             data_parallel_size: Lightning's first mesh dim (default: the number of nodes).
             tensor_parallel_size: Lightning's second mesh dim (default: devices per node); TAG-MoE has no
                 tensor parallelism, so every rank is a data-parallel rank.
@@ -54,4 +59,4 @@ class FSDP2Strategy(ModelParallelStrategy):
             timeout: collective timeout.
         """
         super().__init__(data_parallel_size, tensor_parallel_size, save_distributed_checkpoint, process_group_backend, timeout)
-        self.fsdp2 = FSDP2Options(activation_checkpointing, hybrid_shard, reshard_after_forward)
+        self.fsdp2 = FSDP2Options(activation_checkpointing, hybrid_shard, reshard_after_forward, param_dtype)

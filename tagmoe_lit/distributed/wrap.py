@@ -46,9 +46,9 @@ def wrap_model(
     if mesh is not None:
         options = fsdp2_options(strategy)
         parallelize(backbone, mesh, backbone.blocks, options.activation_checkpointing, options.hybrid_shard,
-                    options.reshard_after_forward)
+                    options.reshard_after_forward, options.param_dtype)
         without_autocast_cache(backbone)
-        for part in others:
+        for part in others:  # the tag embedder and the head stay fp32: they are tiny and shape the alignment loss
             parallelize(part, mesh, hybrid_shard=options.hybrid_shard, reshard_after_forward=options.reshard_after_forward)
     if meta and strategy is not None:
         materialize([backbone, *others], strategy)
