@@ -185,3 +185,18 @@ def test_moe_tail_trains_the_experts_whole_beside_adapters_on_the_frozen_dense_p
     assert not any(n.endswith(".attn.to_q.weight") for n in learns)
     dense = cli.model.backbone.blocks[0]  # quantized (moe_tail's rule), with adapters on top
     assert isinstance(dense.attn.to_q, bnb.nn.Linear4bit) and torch.count_nonzero(dense.attn.to_q.lora.B) > 0
+
+
+def test_lora_fine_tunes_from_init_weights_and_leaves_the_loaded_backbone_untouched(tmp_path):
+    """Base weight names are the model's own: `init_weights` (a `convert export` directory) fills
+    the backbone of a LoRA model as of a plain one, and LoRA training never moves it."""
+    base = TagMoECLI(args=["fit", "--config", str(BASE), *smoke_args(tmp_path / "base"), *TINY_MODEL,
+                           "--trainer.limit_val_batches", "0"])
+    config = ["--config", str(BASE), *TINY_MODEL]
+    run(["convert", "export", *config, "--ckpt_path", base.trainer.checkpoint_callback.last_model_path, "--dst", str(tmp_path / "export")])
+    tuned = fit(tmp_path / "lora", "--model.init_weights", str(tmp_path / "export"))
+    start = checkpoint_weights(Path(base.trainer.checkpoint_callback.last_model_path))
+    after = checkpoint_weights(Path(tuned.trainer.checkpoint_callback.last_model_path))
+    backbone = [k for k in start if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(after[k], start[k]) for k in backbone)
+    assert any(".lora.B" in k and torch.count_nonzero(after[k]) for k in after)
