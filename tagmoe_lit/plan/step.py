@@ -246,26 +246,48 @@ class _Step(nn.Module):
         return self.module.loss_terms(batch, draws.sigma_B, draws.noise_BTP, draws.drop_text_B, draws.drop_ref_B)
 
 
-def run_step(s: Setup) -> Measured:
-    """Shard (W > 1), allocate as fake tensors, run loss + backward + optimizer step; measure rank 0."""
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed._tools.mem_tracker import MemTracker
+def _shard(s: Setup, parts: list[nn.Module]) -> None:
+    """FSDP2 as the kit applies it, over Lightning's mesh (nodes × ranks per node) of the fake world."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from tagmoe_lit.distributed.wrap import wrap_model
 
+    nodes = s.world_size // s.per_node if s.world_size % s.per_node == 0 else 1
+    mesh = init_device_mesh("cpu", (nodes, s.world_size // nodes), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    wrap_model(parts[0], parts[1:], mesh, s.strategy, meta=False)
+
+
+def _tracker(sharded: bool, m: nn.Module, parts: list[nn.Module], optimizer: torch.optim.Optimizer):
+    """torch's memory tracker for rank 0: FSDP2's with the backbone as its root (the tag embedder and
+    head are small roots of their own, tracked as external), or the plain one over the whole module."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    if sharded:
+        tracker = frozen_safe(FSDPMemTracker)(parts[0], optimizer)
+        tracker.track_external(*parts[1:])
+    else:
+        tracker = frozen_safe(MemTracker)()
+        tracker.track_external(m, optimizer)
+    return tracker
+
+
+def _bytes_by_kind(snapshot: dict) -> dict[str, int]:
+    """A tracker snapshot of the (one) device as {category name: bytes}, empty categories dropped."""
+    return {getattr(k, "value", k): v for k, v in next(iter(snapshot.values())).items() if v}
+
+
+def run_step(s: Setup) -> Measured:
+    """Shard (W > 1), allocate as fake tensors, run loss + backward + optimizer step; measure rank 0."""
     m = s.module
     m.configure_model()  # on meta, no trainer: nothing is wrapped or allocated yet
     _check(s)
     register_grouped_mm_flops()
-    world = fake_world(s.world_size) if s.world_size > 1 else contextlib.nullcontext()
-    with world:
+    sharded = s.world_size > 1
+    with fake_world(s.world_size) if sharded else contextlib.nullcontext():
         parts = [p for p in (m.backbone, m.tag_embedder, m.head) if p is not None]
-        sharded = s.world_size > 1
-        if sharded:  # Lightning's mesh: nodes × ranks per node
-            nodes = s.world_size // s.per_node if s.world_size % s.per_node == 0 else 1
-            mesh = init_device_mesh("cpu", (nodes, s.world_size // nodes), mesh_dim_names=("data_parallel", "tensor_parallel"))
-            wrap_model(m.backbone, parts[1:], mesh, s.strategy, meta=False)
+        if sharded:
+            _shard(s, parts)
         draws = cuda_step_draws(s)
         log = CollectiveLog()
         with FakeTensorMode(allow_non_fake_inputs=True):
@@ -276,12 +298,7 @@ def run_step(s: Setup) -> Measured:
             trainable = [p for p in m.parameters() if p.requires_grad]
             stand_in = s.optimizer.startswith("bitsandbytes.")  # its kernels read data: states in closed form
             optimizer = torch.optim.SGD(trainable, lr=0.0) if stand_in else m.optimizer_factory(trainable)
-            if sharded:  # the backbone is the FSDP root; the tag embedder and head are their own small roots
-                tracker = frozen_safe(FSDPMemTracker)(m.backbone, optimizer)
-                tracker.track_external(*parts[1:])
-            else:
-                tracker = frozen_safe(MemTracker)()
-                tracker.track_external(m, optimizer)
+            tracker = _tracker(sharded, m, parts, optimizer)
             seen, hooks = _moe_dtypes(m)
             flops = FlopCounterMode(display=False)
             with tracker, flops, log.recording(), cuda_attention():
@@ -297,9 +314,7 @@ def run_step(s: Setup) -> Measured:
             peak = tracker.get_tracker_snapshot("peak")
     counts = flops.get_flop_counts().get("Global", {})
     return Measured(
-        peak={getattr(k, "value", k): v for k, v in next(iter(peak.values())).items() if v},
-        after_step={getattr(k, "value", k): v for k, v in next(iter(after.values())).items() if v},
-        forward_end={getattr(k, "value", k): v for k, v in next(iter(forward_end.values())).items() if v},
+        peak=_bytes_by_kind(peak), after_step=_bytes_by_kind(after), forward_end=_bytes_by_kind(forward_end),
         flops=flops.get_total_flops(), expert_flops=int(counts.get(torch.ops.aten._grouped_mm, 0)),
         all_gather_bytes=log.all_gather, reduce_scatter_bytes=log.reduce_scatter, all_reduce_bytes=log.all_reduce,
         moe_dtypes=seen,
