@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from tagmoe_lit.data.synthtag import PALETTE, POSITIONS, TASK_TAGS, TASKS, SynthSample, SynthTAG
+from tagmoe_lit.data.synthtag import (CONFLICT_LEVELS, DIAL_OPS, DIAL_TASK_TAGS, PALETTE, POSITIONS, TASK_TAGS, TASKS, TWINS,
+                                      SynthSample, SynthTAG)
 from tagmoe_lit.tags import TagSchema
 
 LOCAL = {"recolor", "add", "remove", "move"}
@@ -102,7 +103,7 @@ def test_invariants_at_64(task: str) -> None:
 
 def test_tags_follow_the_schema() -> None:
     schema = TagSchema.load("synthtag")
-    assert set(TASK_TAGS) == set(TASKS)
+    assert set(TASK_TAGS) == set(TASKS) | set(DIAL_TASK_TAGS) and len(TASKS) == 9  # the default draw is unchanged
     for task in TASKS:
         assert schema.encode(TASK_TAGS[task])
         for level, names in TASK_TAGS[task].items():
@@ -171,3 +172,25 @@ def test_customize_preserves_the_subject_exactly() -> None:
         assert named is not None and named.group(1) == POSITIONS[cell], (i, s.instruction)
         subject_names = {name for name, rgb in PALETTE.items() if rgb in map(tuple, colours.T.tolist())}
         assert len(subject_names) == 2 and not subject_names & set(s.instruction.split())  # only the reference shows it
+
+
+def test_the_interference_dial_is_exact_and_its_twins_pull_in_opposite_directions() -> None:
+    """Experiment B's tasks: global edits of the same scenes with exact targets; twins undo each
+    other (colour rotation exactly, darken / brighten in direction); each conflict level has four
+    tasks, of which the share 0, 0.5 or 1 have their twin beside them; the `interference` schema
+    gives every operation its own type tag."""
+    gen = SynthTAG(32, seed=0, tasks=list(DIAL_OPS))
+    for i in range(4 * len(DIAL_OPS)):
+        s = gen[i]
+        assert torch.equal(s.target, DIAL_OPS[s.task][1](s.source)) and s.instruction == DIAL_OPS[s.task][0]
+        assert (s.target != s.source).any(dim=0).float().mean() > 0.5  # a global edit: most pixels change
+        if s.task == "rotate":
+            assert torch.equal(DIAL_OPS["unrotate"][1](s.target), s.source)
+        if s.task in ("darken", "brighten"):
+            sign = -1 if s.task == "darken" else 1
+            assert ((s.target.int() - s.source.int()) * sign >= 0).all()
+    shares = {level: sum(TWINS.get(t) in tasks for t in tasks) / len(tasks) for level, tasks in CONFLICT_LEVELS.items()}
+    assert shares == {"0": 0.0, "0.5": 0.5, "1": 1.0} and {len(t) for t in CONFLICT_LEVELS.values()} == {4}
+    schema = TagSchema.load("interference")
+    types = {schema.encode(DIAL_TASK_TAGS[t])[1] for t in DIAL_OPS}
+    assert len(types) == len(DIAL_OPS)

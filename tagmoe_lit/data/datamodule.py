@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from tagmoe_lit.data.prompts import prompt_loader
-from tagmoe_lit.data.synthtag import TASKS, SynthSample, SynthTAG
+from tagmoe_lit.data.synthtag import TASK_TAGS, TASKS, SynthSample, SynthTAG
 from tagmoe_lit.data.tag_noise import check_rate, corrupt_tags
 from tagmoe_lit.tags import TagSchema
 
@@ -133,7 +133,8 @@ class SynthTAGDataModule(L.LightningDataModule):
             image_size: side of the square images in pixels (multiple of 8).
             batch_size: training samples per batch and per rank.
             seed: generator seed; the same seed gives the same samples on any machine.
-            tasks: tasks to use (default: all of `tagmoe_lit.data.synthtag.TASKS`).
+            tasks: tasks to use (default: all of `tagmoe_lit.data.synthtag.TASKS`; the interference dial's
+                tasks, `CONFLICT_LEVELS`, need `schema: interference`).
             holdout_tasks: tasks left out of training but kept in validation and test.
             val_samples: size of the fixed validation split (spread evenly over the tasks).
             test_samples: size of the fixed test split.
@@ -148,9 +149,9 @@ class SynthTAGDataModule(L.LightningDataModule):
         super().__init__()
         self.task_names = tuple(tasks) if tasks else TASKS
         holdout = list(holdout_tasks or [])
-        unknown = [t for t in [*self.task_names, *holdout] if t not in TASKS]
+        unknown = [t for t in [*self.task_names, *holdout] if t not in TASK_TAGS]
         if unknown:
-            raise ValueError(f"Unknown SynthTAG task(s) {unknown}; valid tasks: {list(TASKS)}.")
+            raise ValueError(f"Unknown SynthTAG task(s) {unknown}; valid tasks: {list(TASK_TAGS)}.")
         self.train_tasks = tuple(t for t in self.task_names if t not in holdout)
         if not self.train_tasks:
             raise ValueError(f"holdout_tasks={holdout} leaves no task to train on; keep at least one of {list(self.task_names)}.")

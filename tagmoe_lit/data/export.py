@@ -17,7 +17,7 @@ from typing import Sequence
 
 from torchvision.io import write_png
 
-from tagmoe_lit.data.synthtag import TASKS, SynthTAG
+from tagmoe_lit.data.synthtag import TASK_TAGS, TASKS, SynthTAG
 from tagmoe_lit.io import atomic_write_text
 
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("n", type=int, help="number of samples: SynthTAG indices 0..n-1")
     p.add_argument("--seed", type=int, default=0, help="SynthTAG seed (default: 0)")
     p.add_argument("--image_size", type=int, default=32, help="image side in pixels (default: 32)")
-    p.add_argument("--tasks", nargs="+", choices=TASKS, metavar="TASK", help=f"only these tasks, cycled in order (default: all of {', '.join(TASKS)})")
+    p.add_argument("--tasks", nargs="+", choices=list(TASK_TAGS), metavar="TASK", help=f"only these tasks, cycled in order (default: all of {', '.join(TASKS)})")
     p.add_argument("--tags", action=argparse.BooleanOptionalAction, default=True, help="write the ground-truth tags (default: yes)")
     p.add_argument("--masks", action=argparse.BooleanOptionalAction, default=False, help="write each sample's edit mask as a PNG (default: no)")
     p.add_argument("--manifest_name", default="manifest.jsonl", help="manifest file name inside out_dir (default: manifest.jsonl)")

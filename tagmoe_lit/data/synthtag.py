@@ -25,6 +25,7 @@ from __future__ import annotations
 import operator
 import random
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -52,7 +53,26 @@ TASK_TAGS: dict[str, dict[str, list[str]]] = {
     },
     "customize": {"scope": ["content customization"], "preservation": ["identity preservation"]},
 }
-TASKS: tuple[str, ...] = tuple(TASK_TAGS)
+TASKS: tuple[str, ...] = tuple(TASK_TAGS)  # the default draw: the nine tasks above
+
+# The interference dial's global edits (issue 16, experiment B; `conflict_level_tasks`): every one maps
+# the same SynthTAG scenes to an exact target, and some have an *opposite twin* that undoes them
+# (darken ↔ brighten, rotate ↔ unrotate colours), so the instruction alone decides between two
+# targets that pull the same weights in opposite directions. Opt-in: they need the `interference`
+# tag schema, whose type tags tell every operation apart.
+DIAL_TASK_TAGS: dict[str, dict[str, list[str]]] = {
+    name: {"scope": ["global editing"], "type": [kind], "preservation": ["structure preservation"]}
+    for name, kind in (("darken", "darkening"), ("brighten", "brightening"), ("invert", "colour inversion"),
+                       ("grayscale", "grayscale conversion"), ("rotate", "colour rotation"),
+                       ("unrotate", "reverse colour rotation"))
+}
+TWINS = {"darken": "brighten", "brighten": "darken", "rotate": "unrotate", "unrotate": "rotate"}
+TASK_TAGS.update(DIAL_TASK_TAGS)
+CONFLICT_LEVELS: dict[str, tuple[str, ...]] = {  # four tasks each; the share of them with their twin present
+    "0": ("darken", "invert", "grayscale", "rotate"),
+    "0.5": ("darken", "brighten", "invert", "grayscale"),
+    "1": ("darken", "brighten", "rotate", "unrotate"),
+}
 
 # Saturated colours only: no white, gray or black, so inverting, grayscaling, darkening and
 # brightening change every pixel of every scene (global edits must change > 50 % of pixels).
@@ -142,7 +162,7 @@ def _describe(bg: _Bg) -> str:
 class SynthTAG:
     """Deterministic generator of SynthTAG samples: `sample(index)` for index 0, 1, 2, ...
 
-    `tasks` restricts the default draw to a subset of `TASKS`, cycled in the given order
+    `tasks` restricts the default draw to a subset of `TASKS` (or names the dial's tasks), cycled in the given order
     (index % len(tasks)), so every task is equally frequent; listing a task twice doubles its share.
     """
 
@@ -156,12 +176,12 @@ class SynthTAG:
             tasks = TASKS
         elif isinstance(tasks, str):
             raise ValueError(
-                f"SynthTAG tasks must be a list of task names such as ['{tasks}']; valid tasks: {list(TASKS)}."
+                f"SynthTAG tasks must be a list of task names such as ['{tasks}']; valid tasks: {list(TASK_TAGS)}."
             )
         unknown = [t for t in tasks if t not in TASK_TAGS]
         if unknown or not tasks:
             problem = f"unknown task(s) {unknown}" if unknown else "no tasks given"
-            raise ValueError(f"SynthTAG: {problem}; valid tasks: {list(TASKS)}.")
+            raise ValueError(f"SynthTAG: {problem}; valid tasks: {list(TASK_TAGS)}.")
         self.image_size = image_size
         self.seed = seed
         self.tasks: tuple[str, ...] = tuple(tasks)
@@ -175,6 +195,7 @@ class SynthTAG:
             "stylize": self._stylize,
             "relight": self._relight,
             "customize": self._customize,
+            **{name: partial(self._dial, name) for name in DIAL_OPS},
         }
         self._build_geometry()
 
@@ -229,7 +250,7 @@ class SynthTAG:
         if task is None:
             task = self.tasks[index % len(self.tasks)]
         elif task not in TASK_TAGS:
-            raise ValueError(f"SynthTAG: unknown task '{task}'; valid tasks: {list(TASKS)}.")
+            raise ValueError(f"SynthTAG: unknown task '{task}'; valid tasks: {list(TASK_TAGS)}.")
         rng = random.Random(f"synthtag/{self.seed}/{index}/{task}")
         instruction, source, target, mask = self._makers[task](rng)
         tags = {level: list(names) for level, names in TASK_TAGS[task].items()}
@@ -346,16 +367,21 @@ class SynthTAG:
         source = self._render(bg, objects)
         if rng.choice(("invert", "grayscale")) == "invert":
             return "invert the colors", source, 255 - source, self._full_mask()
-        r, g, b = source.to(torch.int32).unbind(0)
-        gray = ((77 * r + 150 * g + 29 * b) >> 8).to(torch.uint8)  # weights sum to 256: exact, <= 255
-        return "convert the image to grayscale", source, gray.expand(3, -1, -1).contiguous(), self._full_mask()
+        return "convert the image to grayscale", source, _gray(source), self._full_mask()
 
     def _relight(self, rng: random.Random) -> _Made:
         bg, objects, _ = self._scene(rng, rng.choice((1, 2)))
         source = self._render(bg, objects)
         if rng.choice(("darker", "brighter")) == "darker":
-            return "make the image darker", source, source // 2, self._full_mask()
-        return "make the image brighter", source, source + (255 - source) // 2, self._full_mask()
+            return "make the image darker", source, _darker(source), self._full_mask()
+        return "make the image brighter", source, _brighter(source), self._full_mask()
+
+    def _dial(self, name: str, rng: random.Random) -> _Made:
+        """One of the interference dial's global edits of a scene drawn as relight and stylize draw theirs."""
+        bg, objects, _ = self._scene(rng, rng.choice((1, 2)))
+        source = self._render(bg, objects)
+        instruction, op = DIAL_OPS[name]
+        return instruction, source, op(source), self._full_mask()
 
     def _customize(self, rng: random.Random) -> _Made:
         shape, style = rng.choice(SHAPES), rng.choice(_SUBJECT_STYLES)
@@ -368,6 +394,30 @@ class SynthTAG:
         target = self._paint_subject(self._background(bg), shape, style, colours[:2], cell)
         instruction = f"place this subject {_AT[POSITIONS[cell]]} on {_describe(bg)}"
         return instruction, source, target, self._full_mask()
+
+
+def _darker(s: torch.Tensor) -> torch.Tensor:
+    return s // 2
+
+
+def _brighter(s: torch.Tensor) -> torch.Tensor:
+    return s + (255 - s) // 2
+
+
+def _gray(s: torch.Tensor) -> torch.Tensor:
+    r, g, b = s.to(torch.int32).unbind(0)
+    return ((77 * r + 150 * g + 29 * b) >> 8).to(torch.uint8).expand(3, -1, -1).contiguous()  # weights sum to 256: exact
+
+
+# name → (instruction, target of the source); "rotate" moves red to green, green to blue, blue to red
+DIAL_OPS: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "darken": ("make the image darker", _darker),
+    "brighten": ("make the image brighter", _brighter),
+    "invert": ("invert the colors", lambda s: 255 - s),
+    "grayscale": ("convert the image to grayscale", _gray),
+    "rotate": ("turn red into green, green into blue and blue into red", lambda s: s[[2, 0, 1]].contiguous()),
+    "unrotate": ("turn red into blue, blue into green and green into red", lambda s: s[[1, 2, 0]].contiguous()),
+}
 
 
 def _erode(mask: torch.Tensor) -> torch.Tensor:
