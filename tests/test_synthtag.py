@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from tagmoe_lit.data.synthtag import (CONFLICT_LEVELS, DIAL_OPS, DIAL_TASK_TAGS, PALETTE, POSITIONS, TASK_TAGS, TASKS, TWINS,
-                                      SynthSample, SynthTAG)
+from tagmoe_lit.data.interference import CONFLICT_LEVELS, DIAL_OPS, DIAL_TASK_TAGS, TWINS
+from tagmoe_lit.data.synthtag import PALETTE, POSITIONS, TASK_TAGS, TASKS, SynthSample, SynthTAG
 from tagmoe_lit.tags import TagSchema
 
 LOCAL = {"recolor", "add", "remove", "move"}

@@ -134,7 +134,7 @@ class SynthTAGDataModule(L.LightningDataModule):
             batch_size: training samples per batch and per rank.
             seed: generator seed; the same seed gives the same samples on any machine.
             tasks: tasks to use (default: all of `tagmoe_lit.data.synthtag.TASKS`; the interference dial's
-                tasks, `CONFLICT_LEVELS`, need `schema: interference`).
+                tasks, `interference.CONFLICT_LEVELS`, need `schema: interference`).
             holdout_tasks: tasks left out of training but kept in validation and test.
             val_samples: size of the fixed validation split (spread evenly over the tasks).
             test_samples: size of the fixed test split.

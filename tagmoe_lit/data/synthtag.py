@@ -30,6 +30,8 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
+from tagmoe_lit.data.interference import DIAL_OPS, DIAL_TASK_TAGS, brighter, darker, gray
+
 TASK_TAGS: dict[str, dict[str, list[str]]] = {
     "generate": {"scope": ["image generation"]},
     "recolor": {
@@ -55,24 +57,7 @@ TASK_TAGS: dict[str, dict[str, list[str]]] = {
 }
 TASKS: tuple[str, ...] = tuple(TASK_TAGS)  # the default draw: the nine tasks above
 
-# The interference dial's global edits (issue 16, experiment B; `conflict_level_tasks`): every one maps
-# the same SynthTAG scenes to an exact target, and some have an *opposite twin* that undoes them
-# (darken ↔ brighten, rotate ↔ unrotate colours), so the instruction alone decides between two
-# targets that pull the same weights in opposite directions. Opt-in: they need the `interference`
-# tag schema, whose type tags tell every operation apart.
-DIAL_TASK_TAGS: dict[str, dict[str, list[str]]] = {
-    name: {"scope": ["global editing"], "type": [kind], "preservation": ["structure preservation"]}
-    for name, kind in (("darken", "darkening"), ("brighten", "brightening"), ("invert", "colour inversion"),
-                       ("grayscale", "grayscale conversion"), ("rotate", "colour rotation"),
-                       ("unrotate", "reverse colour rotation"))
-}
-TWINS = {"darken": "brighten", "brighten": "darken", "rotate": "unrotate", "unrotate": "rotate"}
-TASK_TAGS.update(DIAL_TASK_TAGS)
-CONFLICT_LEVELS: dict[str, tuple[str, ...]] = {  # four tasks each; the share of them with their twin present
-    "0": ("darken", "invert", "grayscale", "rotate"),
-    "0.5": ("darken", "brighten", "invert", "grayscale"),
-    "1": ("darken", "brighten", "rotate", "unrotate"),
-}
+TASK_TAGS.update(DIAL_TASK_TAGS)  # opt-in: the interference dial's tasks (`interference.py`)
 
 # Saturated colours only: no white, gray or black, so inverting, grayscaling, darkening and
 # brightening change every pixel of every scene (global edits must change > 50 % of pixels).
@@ -367,14 +352,14 @@ class SynthTAG:
         source = self._render(bg, objects)
         if rng.choice(("invert", "grayscale")) == "invert":
             return "invert the colors", source, 255 - source, self._full_mask()
-        return "convert the image to grayscale", source, _gray(source), self._full_mask()
+        return "convert the image to grayscale", source, gray(source), self._full_mask()
 
     def _relight(self, rng: random.Random) -> _Made:
         bg, objects, _ = self._scene(rng, rng.choice((1, 2)))
         source = self._render(bg, objects)
         if rng.choice(("darker", "brighter")) == "darker":
-            return "make the image darker", source, _darker(source), self._full_mask()
-        return "make the image brighter", source, _brighter(source), self._full_mask()
+            return "make the image darker", source, darker(source), self._full_mask()
+        return "make the image brighter", source, brighter(source), self._full_mask()
 
     def _dial(self, name: str, rng: random.Random) -> _Made:
         """One of the interference dial's global edits of a scene drawn as relight and stylize draw theirs."""
@@ -394,30 +379,6 @@ class SynthTAG:
         target = self._paint_subject(self._background(bg), shape, style, colours[:2], cell)
         instruction = f"place this subject {_AT[POSITIONS[cell]]} on {_describe(bg)}"
         return instruction, source, target, self._full_mask()
-
-
-def _darker(s: torch.Tensor) -> torch.Tensor:
-    return s // 2
-
-
-def _brighter(s: torch.Tensor) -> torch.Tensor:
-    return s + (255 - s) // 2
-
-
-def _gray(s: torch.Tensor) -> torch.Tensor:
-    r, g, b = s.to(torch.int32).unbind(0)
-    return ((77 * r + 150 * g + 29 * b) >> 8).to(torch.uint8).expand(3, -1, -1).contiguous()  # weights sum to 256: exact
-
-
-# name → (instruction, target of the source); "rotate" moves red to green, green to blue, blue to red
-DIAL_OPS: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
-    "darken": ("make the image darker", _darker),
-    "brighten": ("make the image brighter", _brighter),
-    "invert": ("invert the colors", lambda s: 255 - s),
-    "grayscale": ("convert the image to grayscale", _gray),
-    "rotate": ("turn red into green, green into blue and blue into red", lambda s: s[[2, 0, 1]].contiguous()),
-    "unrotate": ("turn red into blue, blue into green and green into red", lambda s: s[[1, 2, 0]].contiguous()),
-}
 
 
 def _erode(mask: torch.Tensor) -> torch.Tensor:
