@@ -305,3 +305,27 @@ def test_an_option_added_later_leaves_finished_runs_alone_at_its_default(monkeyp
     recorded = json.loads((ROOT / "docs/results/runs/main" / run.variant / f"seed{run.seed}" / "done.json").read_text())
     assert fingerprint(run, [], preset.curves).current == recorded["fingerprint"]
     assert fingerprint(run, ["--model.lora.rank", "4"], preset.curves).current != recorded["fingerprint"]
+
+
+def test_the_dial_plots_the_seed_level_gap_against_conflict_level_and_width(tmp_path, monkeypatch):
+    """Experiment B's table and figure: a − b of the primary metric per (level, width) cell, with
+    its seed-level interval and verdict; a cell without runs stays empty."""
+    monkeypatch.chdir(ROOT)
+    variants = {f"{m}_c{lv}_w1": ("[experiments/moe_agnostic.yaml]" if m == "agnostic" else "[]") for m in ("tagmoe", "agnostic") for lv in (0, 1)}
+    (tmp_path / "d.yaml").write_text(
+        "base: [experiments/base.yaml]\nseeds: [0, 1]\nvariants: {" + ", ".join(f"{k}: {{configs: {v}}}" for k, v in variants.items())
+        + '}\ndial: {a: tagmoe, b: agnostic, levels: ["0", "1", "2"], widths: [w1]}\n')
+    with pytest.raises(PresetError, match=r"unknown variant\(s\) \['agnostic_c2_w1', 'tagmoe_c2_w1'\]"):
+        Preset.load(tmp_path / "d.yaml", root=ROOT)
+    (tmp_path / "d.yaml").write_text((tmp_path / "d.yaml").read_text().replace(', "2"]', "]"))
+    preset = Preset.load(tmp_path / "d.yaml", root=ROOT)
+    flows = {"tagmoe_c0_w1": 0.1, "agnostic_c0_w1": 0.2, "tagmoe_c1_w1": 0.3, "agnostic_c1_w1": 0.2}
+    for run in preset.runs():
+        fake_run(run_dir(tmp_path / "runs", run), fingerprint(run, [], preset.curves).current, [1, 1, 1, 1],
+                 flows[run.variant] + 0.01 * run.seed * (run.variant.startswith("tagmoe")), routed=True)
+    write_report(preset, tmp_path / "runs", [], tmp_path / "results.md", tmp_path / "figures")
+    text = (tmp_path / "results.md").read_text()
+    assert "| width | conflict 0 | conflict 1 |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| w1 |"))
+    assert "-0.0950 [" in row and "(2 seeds) **better**" in row and "+0.1050 [" in row and "(2 seeds) **worse**" in row
+    assert (tmp_path / "figures" / "d_dial.png").is_file()

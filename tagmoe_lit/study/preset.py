@@ -11,6 +11,7 @@ A preset is a YAML file (`experiments/study/cpu.yaml`, `gpu.yaml`):
     compare: [[tagmoe, dense], …]      # paired differences a − b, on the samples both saw
     curves: {variants: [dense, tagmoe], every_n_steps: 300, test_samples: 144}
     knockout: [tagmoe]                 # expert knockout on the first seed's checkpoint
+    dial: {a: tagmoe, b: agnostic, levels: ["0", "1"], widths: [w128]}  # a − b against conflict level (variants a_c0_w128, …)
 
 Every run is `fit` then `test` with `base + configs` and, per seed s, `seed_everything: s` and
 `model.seed: s` (weights and noise). The data seed stays the base's: every run sees the same
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import yaml
 
-_KEYS = {"base", "seeds", "variants", "compare", "curves", "knockout"}
+_KEYS = {"base", "seeds", "variants", "compare", "curves", "knockout", "dial"}
+_DIAL_KEYS = {"a", "b", "levels", "widths"}
 _VARIANT_KEYS = {"configs", "seeds"}
 _CURVE_KEYS = {"variants", "every_n_steps", "test_samples"}
 
@@ -58,6 +60,24 @@ class Curves:
 
 
 @dataclass(frozen=True)
+class Dial:
+    """Experiment B's grid: the report plots variant `a` − variant `b` (variants named
+    `{model}_c{level}_{width}`) against the conflict level, one line per width."""
+
+    a: str
+    b: str
+    levels: tuple[str, ...]
+    widths: tuple[str, ...]
+
+    @staticmethod
+    def variant(model: str, level: str, width: str) -> str:
+        return f"{model}_c{level}_{width}"
+
+    def names(self) -> list[str]:
+        return [self.variant(m, lv, w) for m in (self.a, self.b) for lv in self.levels for w in self.widths]
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     base: tuple[str, ...]
@@ -65,6 +85,7 @@ class Preset:
     compare: tuple[tuple[str, str], ...] = ()
     curves: Curves = field(default_factory=Curves)
     knockout: tuple[str, ...] = ()
+    dial: Dial | None = None
 
     @classmethod
     def load(cls, path: str | Path, root: str | Path = ".") -> "Preset":
@@ -94,7 +115,12 @@ class Preset:
         _no_unknown(curves_raw, _CURVE_KEYS, f"{where}, curves")
         curves = Curves(tuple(curves_raw.get("variants", ())), int(curves_raw.get("every_n_steps", 0)), int(curves_raw.get("test_samples", 144)))
         knockout = tuple(raw.get("knockout") or ())
-        named = [*(v for pair in compare for v in pair), *curves.variants, *knockout]
+        dial = None
+        if raw.get("dial") is not None:
+            _no_unknown(raw["dial"], _DIAL_KEYS, f"{where}, dial")
+            d = raw["dial"]
+            dial = Dial(str(d.get("a", "")), str(d.get("b", "")), tuple(map(str, d.get("levels") or ())), tuple(map(str, d.get("widths") or ())))
+        named = [*(v for pair in compare for v in pair), *curves.variants, *knockout, *(dial.names() if dial else ())]
         unknown = sorted({v for v in named if v not in variants})
         bad_pairs = [p for p in compare if len(p) != 2]
         if unknown or bad_pairs:
@@ -102,7 +128,7 @@ class Preset:
             raise PresetError(f"{where} {problem}; variants: {list(variants)}.")
         if curves.variants and curves.every_n_steps < 1:
             raise PresetError(f"{where}: curves.every_n_steps must be a positive step count.")
-        return cls(path.stem, base, variants, compare, curves, knockout)
+        return cls(path.stem, base, variants, compare, curves, knockout, dial)
 
     def only_seeds(self, seeds: list[int]) -> "Preset":
         """The same preset restricted to `seeds` (variants left with none are dropped)."""

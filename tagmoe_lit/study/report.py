@@ -212,6 +212,39 @@ def curve_figures(f: Finished, figures: Path, link: Path) -> str:
     return f"![curves]({_rel(path, link)})\n"
 
 
+def dial_section(f: Finished, figures: Path, link: Path) -> str:
+    """Experiment B: the primary metric's seed-level paired difference a − b (flow_fixed on all
+    tasks) at every conflict level and width, as a table and as a plot with the 95 % intervals."""
+    dial = f.preset.dial
+    if dial is None:
+        return "No dial in this preset.\n"
+    fig = Figure(figsize=(5, 3.4), dpi=100)
+    ax = fig.subplots()
+    lines = [f"{dial.a} − {dial.b}, flow_fixed on all tasks (lower is better for {dial.a}):", "",
+             "| width | " + " | ".join(f"conflict {lv}" for lv in dial.levels) + " |", "|---" * (len(dial.levels) + 1) + "|"]
+    for width in dial.widths:
+        cells, xs, ys, lo, hi = [], [], [], [], []
+        for level in dial.levels:
+            a, b = dial.variant(dial.a, level, width), dial.variant(dial.b, level, width)
+            p = paired(f.samples(a), f.samples(b), "flow_fixed") if a in f.reports and b in f.reports else None
+            cells.append(_paired_cell(p, higher_better=False))
+            if p is not None:
+                interval = p.seed_interval or (p.seed_mean, p.seed_mean)
+                xs.append(float(level)), ys.append(p.seed_mean), lo.append(p.seed_mean - interval[0]), hi.append(interval[1] - p.seed_mean)
+        lines.append(f"| {width} | " + " | ".join(cells) + " |")
+        if xs:
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4, label=width)
+    ax.axhline(0.0, color="gray", linewidth=0.8)
+    ax.set(xlabel="conflict level (share of tasks with their twin)", ylabel=f"flow_fixed: {dial.a} − {dial.b}",
+           title="seed-level 95 % intervals", xticks=[float(level) for level in dial.levels])
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = figures / f"{f.preset.name}_dial.png"
+    fig.savefig(path)
+    return "\n".join(lines) + f"\n\n![dial]({_rel(path, link)})\n"
+
+
 def knockout_table(f: Finished) -> str:
     out = []
     for v in f.preset.knockout:
@@ -277,6 +310,7 @@ def section(f: Finished, figures: Path, link: Path) -> str:
         + "; ".join(f"{g} = {', '.join(sorted(t))}" for g, t in groups.items() if g != "all") + ").",
         main_table(f, groups),
         "#### Paired differences", paired_tables(f, groups),
+        *(["#### Task interference: the gap against conflict level and width", dial_section(f, figures, link)] if f.preset.dial else []),
         "#### Edit success per task", per_task_table(f, "success"),
         "#### Flow loss at fixed σ per task", per_task_table(f, "flow_fixed"),
         "#### Routing", routing_figures(f, figures, link),
