@@ -19,11 +19,10 @@ import argparse
 import os
 import shutil
 import tempfile
-from pathlib import Path
 from typing import Any
 
 from tagmoe_lit.edit_cli import Editor, add_model_arguments, load_editor
-from tagmoe_lit.editing import MAX_PIXELS, EditInputError, open_image
+from tagmoe_lit.editing import MAX_PIXELS, EditInputError, open_image, to_pil
 
 # small models edit small images: show their pixels enlarged and sharp, not blurred
 CSS = "#source img, #edited img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
@@ -73,7 +72,7 @@ class MissingExtraError(LookupError):
     """The demo's optional dependency is not installed."""
 
 
-def build_app(editor: Editor, max_pixels: int = MAX_PIXELS, cache_dir: str | None = None):
+def build_app(editor: Editor, max_pixels: int = MAX_PIXELS):
     """The Gradio Blocks of the page (not launched)."""
     try:
         import gradio as gr
@@ -83,22 +82,13 @@ def build_app(editor: Editor, max_pixels: int = MAX_PIXELS, cache_dir: str | Non
     def run(path: str | None, instruction: str, seed: float, steps: float):
         if not path:
             raise gr.Error("Upload an image first.")
-        try:
+        try:  # the upload stays for another edit of it (new seed, new instruction) until the cache sweep
             image = open_image(path, max_pixels)
             result, record = editor(image, instruction, int(seed), int(steps))
         except EditInputError as err:
             raise gr.Error(str(err)) from None
-        finally:
-            if path and cache_dir and Path(path).resolve().is_relative_to(Path(cache_dir).resolve()):
-                Path(path).unlink(missing_ok=True)  # the upload is not kept once read
         tags = ", ".join(record["predicted_tags"]) if record["predicted_tags"] else "(no alignment head)"
-        return gr_image(result), routing_chart(record), f"**The router reads the task as:** {tags}  \n{record['seconds']} s"
-
-    def gr_image(result):
-        from PIL import Image
-
-        array = (result.image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-        return Image.fromarray(array)
+        return to_pil(result.image), routing_chart(record), f"**The router reads the task as:** {tags}  \n{record['seconds']} s"
 
     steps = editor.sampler.steps
     with gr.Blocks(analytics_enabled=False, title="TAG-MoE edit", delete_cache=(600, 600)) as app:
@@ -156,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["GRADIO_TEMP_DIR"] = cache  # uploads and results live here, and go with it
     try:
         editor = load_editor(args, rest)
-        app = build_app(editor, args.max_pixels, cache)
+        app = build_app(editor, args.max_pixels)
         print(f"TAG-MoE demo on http://{args.host}:{args.port} (Ctrl-C or SIGTERM stops it; files in {cache} are removed then)")
         launch(app, args.host, args.port, args.max_upload_mb)
     finally:

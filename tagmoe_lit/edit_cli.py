@@ -143,11 +143,10 @@ def load_editor(args: argparse.Namespace, config_args: list[str]) -> Editor:
 
 def png_bytes(image) -> bytes:
     """[3, H, W] in [0, 1] → PNG bytes."""
-    import numpy as np
-    from PIL import Image
+    from tagmoe_lit.editing import to_pil
 
     buffer = io.BytesIO()
-    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+    to_pil(image).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

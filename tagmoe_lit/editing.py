@@ -90,6 +90,13 @@ def reference_pixels(image: Image.Image, resolutions: list[tuple[int, int]]) -> 
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
+def to_pil(image_3HW: torch.Tensor) -> Image.Image:
+    """[3, H, W] in [0, 1] → an 8-bit RGB image."""
+    from PIL import Image
+
+    return Image.fromarray((image_3HW.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+
+
 def starting_noise(seed: int, grid: tuple[int, int], channels: int, patch: int) -> torch.Tensor:
     """[1, h·w, C·p²]: the release's `randn_tensor` of the latent [1, 1, C, p·h, p·w] on a CPU generator, packed."""
     g = torch.Generator().manual_seed(seed)

@@ -108,6 +108,13 @@ def test_the_page_edits_an_upload_and_shows_the_routing(demo, tmp_path):
         routing = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#routing img")))
         wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, "#tags"), "The router reads the task as"))
         assert edited.get_attribute("src") and routing.get_attribute("src")
+        first = edited.get_attribute("src")  # a second edit of the same upload, another seed: a new image
+        seed = browser_.find_element(By.CSS_SELECTOR, "#seed input")
+        seed.clear()
+        seed.send_keys("7")
+        browser_.find_element(By.CSS_SELECTOR, "#edit").click()
+        wait.until(lambda b: b.find_element(By.CSS_SELECTOR, "#edited img").get_attribute("src") not in (None, "", first))
+        edited, routing = (browser_.find_element(By.CSS_SELECTOR, f"#{name} img") for name in ("edited", "routing"))
         assert browser_.execute_script("return arguments[0].naturalWidth", routing) > 100  # the bars are an image
         browser_.save_screenshot(os.environ.get("TAGMOE_DEMO_SCREENSHOT", str(tmp_path / "demo.png")))
         requests = [json.loads(entry["message"])["message"] for entry in browser_.get_log("performance")]
