@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from tagmoe_lit.cli import TagMoECLI
-from train_step import QUIET, StepTimer
+from train_step import timed_fit
 
 VARIANTS = {
     "full fine-tuning": [],
@@ -22,12 +21,9 @@ VARIANTS = {
 
 
 def run(config: str, steps: int, extra: list[str]) -> tuple[int, int, list[float]]:
-    cli = TagMoECLI(args=["--config", config, *QUIET, "--trainer.max_steps", str(steps), *extra], run=False)
-    timer = StepTimer()
-    cli.trainer.callbacks.append(timer)
-    cli.trainer.fit(cli.model, cli.datamodule)
+    cli, times = timed_fit(config, steps, extra)
     params = list(cli.model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params), timer.times[3:]
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params), times
 
 
 def main() -> None:

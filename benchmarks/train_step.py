@@ -32,12 +32,17 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self._t)
 
 
-def step_times(config: str, steps: int, extra: list[str]) -> list[float]:
+def timed_fit(config: str, steps: int, extra: list[str]) -> tuple[TagMoECLI, list[float]]:
+    """Fit `steps` steps quietly; the CLI (its trained model) and the step times after warm-up."""
     cli = TagMoECLI(args=["--config", config, *QUIET, "--trainer.max_steps", str(steps), *extra], run=False)
     timer = StepTimer()
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, cli.datamodule)
-    return timer.times[3:]  # skip warm-up steps
+    return cli, timer.times[3:]  # skip warm-up steps
+
+
+def step_times(config: str, steps: int, extra: list[str]) -> list[float]:
+    return timed_fit(config, steps, extra)[1]
 
 
 def data_rate(config: str, batches: int) -> tuple[float, int]:
