@@ -26,6 +26,8 @@ reported with its path.
 
 from __future__ import annotations
 
+import inspect
+
 import sys
 
 import lightning as L
@@ -58,6 +60,9 @@ class KitArgumentParser(LightningArgumentParser):
         raise SystemExit(2)
 
 
+FIT_ONLY = set(inspect.signature(L.Trainer.fit).parameters) - {"self", "model", "train_dataloaders", "val_dataloaders", "datamodule"}
+
+
 class TagMoECLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
@@ -86,6 +91,9 @@ class TagMoECLI(LightningCLI):
             check_config_files(list(sys.argv[1:] if args is None else args))
             config = parser.parse_args(args, _skip_validation=True)
         chosen = config[config.subcommand] if config.get("subcommand") else config
+        if not config.get("subcommand"):  # `convert export`, `edit`: a run's saved config.yaml also holds fit's own
+            for key in FIT_ONLY & set(config.keys()):  # arguments (ckpt_path, …); these commands take theirs as flags
+                del config[key]
         logs_follow_root_dir(chosen)
         parser.validate(config)
         if config.get("subcommand") in RUN_COMMANDS:

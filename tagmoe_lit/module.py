@@ -25,6 +25,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from tagmoe_lit.align import MLPHead, SumTagEmbedder
 from tagmoe_lit.backbone import FrozenTextEncoder, PixelCodec, QwenImageBackbone
+from tagmoe_lit.distributed.clip import clip_gradients
 from tagmoe_lit.distributed.weights import StartingWeights
 from tagmoe_lit.distributed.wrap import wrap_model
 from tagmoe_lit.evaluation import Evaluation
@@ -116,13 +117,11 @@ class TagMoEModule(L.LightningModule):
         self.objective = FlowObjective(timesteps, lambda_lb, lambda_align, lambda_z, text_dropout, reference_dropout, seed,
                                        align_dropped_text)
         self.sampler = sampler if sampler is not None else EulerSampler()
-        self.optimizer_factory = optimizer
+        self.optimizer_factory, self.sample_in_test = optimizer, sample_in_test
         self.warmup_steps, self.cosine_decay, self.min_lr_ratio = warmup_steps, cosine_decay, min_lr_ratio
-        self.sample_in_test = sample_in_test
         check_options(trainable, quantize_frozen, meta_init, init_weights, lora is not None, tuple(lora.targets) if lora else ())
         self.trainable, self.quantize_frozen, self.meta_init, self.lora = trainable, quantize_frozen, meta_init, lora
-        self.weights = StartingWeights(init_weights)
-        self.evaluation = Evaluation()
+        self.weights, self.evaluation = StartingWeights(init_weights), Evaluation()
         self.backbone: Backbone | None = None
         self.tag_embedder: TagEmbedder | None = None
         self.head: Head | None = None
@@ -194,8 +193,7 @@ class TagMoEModule(L.LightningModule):
 
     def fixed_noise(self, batch: dict, purpose: str) -> torch.Tensor:
         """ε per sample, seeded by (seed, purpose, sample index): independent of batch-mates and ranks."""
-        x = batch["target"]
-        h, w = self.grid(x)
+        h, w = self.grid(x := batch["target"])
         return self.objective.fixed_noise(batch["index"].tolist(), purpose, (h * w, self.codec.token_channels), x)
 
     def training_draws(self, x: torch.Tensor, batch_idx: int) -> Draws:
@@ -287,6 +285,8 @@ class TagMoEModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         end_step(self.moe_layers)  # once per optimizer step: global counts → bias routers, then reset
+
+    configure_gradient_clipping = clip_gradients  # Lightning's, with the global norm across device meshes (EP)
 
     def configure_optimizers(self) -> dict[str, Any]:
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
@@ -24,16 +23,8 @@ from tagmoe_lit.cli import TagMoECLI
 from tagmoe_lit.moe import RoutingStats, load_balancing_loss
 from tagmoe_lit.moe.expert_counts import global_counts
 from tagmoe_lit.moe.stats import LayerRouting
-from helpers import FSDP2, PER_RANK, STEPS, assert_same_run, common, last_weights, losses, single, tiny_batch, tiny_module, torchrun
+from helpers import FSDP2, KNOCKOUT, PER_RANK, STEPS, assert_same_run, common, last_weights, losses, single, tiny_batch, tiny_module, torchrun
 
-KNOCKOUT = ["--trainer.callbacks+=test_distributed.Knockout"]  # experts 1-3 of the first MoE layer idle
-
-
-class Knockout(L.Callback):
-    """Experts 1-3 of the first MoE layer never receive a token: idle experts must not hang a rank."""
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        pl_module.moe_layers[0].knockout((1, 2, 3))
 
 
 def _balance_worker(rank: int, store_path: str, out_path: str) -> None:

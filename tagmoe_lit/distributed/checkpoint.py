@@ -19,9 +19,10 @@ def consolidate_checkpoint(folder: str | Path, output: str | Path) -> Path:
     The directory holds each rank's shards (torch.distributed.checkpoint) and `meta.pt` (step,
     loops, callbacks, the `tagmoe` record). The result holds the full `state_dict` and that
     metadata, so `validate` / `test` / `predict --ckpt_path` and `convert export` read it like any
-    single-process checkpoint. Optimizer states are left out: their sharded form is keyed by
-    parameter name, which a plain optimizer cannot load; resume training from the directory
-    itself (torch.distributed.checkpoint reshards it to any world size).
+    single-process checkpoint. The optimizer states are kept, re-keyed from parameter names (the
+    sharded form) to positions (what a plain optimizer loads), so `fit --ckpt_path` resumes from the
+    file in one process, or under DDP, whatever sharding or expert parallelism wrote it; a sharded
+    run can also resume from the directory itself (torch.distributed.checkpoint reshards it).
     """
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -33,11 +34,25 @@ def consolidate_checkpoint(folder: str | Path, output: str | Path) -> Path:
     partial = output.with_name(f".{output.name}.partial")
     try:
         dcp_to_torch_save(folder, gathered)  # every shard, gathered without a process group
-        state_dict = torch.load(gathered, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+        full = torch.load(gathered, map_location="cpu", weights_only=True, mmap=True)
         metadata = torch.load(folder / "meta.pt", map_location="cpu", weights_only=True)
-        torch.save({**metadata, "state_dict": state_dict}, partial)
+        optimizers = [by_position(full[f"optimizer_{i}"]) for i in range(sum(k.startswith("optimizer_") for k in full))]
+        torch.save({**metadata, "state_dict": full["state_dict"], "optimizer_states": optimizers}, partial)
         os.replace(partial, output)  # a failure above never leaves a truncated .ckpt that looks valid
     finally:
         gathered.unlink(missing_ok=True)
         partial.unlink(missing_ok=True)
     return output
+
+
+def by_position(optimizer_state: dict) -> dict:
+    """A name-keyed optimizer state dict (`torch.distributed.checkpoint.state_dict`'s form) keyed by
+    position instead, as `torch.optim.Optimizer.load_state_dict` expects: parameters are numbered in
+    the order of the param groups' name lists, which is the optimizer's own order."""
+    position: dict[str, int] = {}
+    groups = []
+    for group in optimizer_state["param_groups"]:
+        ids = [position.setdefault(name, len(position)) for name in group["params"]]
+        groups.append({**group, "params": ids})
+    state = {position[name]: value for name, value in optimizer_state["state"].items()}
+    return {"state": state, "param_groups": groups}

@@ -14,7 +14,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
         prog="python -m tagmoe_lit consolidate",
-        description="Write one .ckpt file (full state_dict and training metadata, no optimizer states) "
+        description="Write one .ckpt file (full state_dict, optimizer states by position and training metadata) "
         "from a ModelParallelStrategy checkpoint directory, loadable in a single process.",
     )
     parser.add_argument("folder", help="the checkpoint directory a ModelParallelStrategy run saved (e.g. last.ckpt/)")

@@ -22,6 +22,7 @@ class FSDP2Options:
     hybrid_shard: bool = False
     reshard_after_forward: bool = True
     param_dtype: str | None = None
+    expert_parallel_size: int = 1
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -33,6 +34,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         hybrid_shard: bool = False,
         reshard_after_forward: bool = True,
         param_dtype: Literal["bfloat16"] | None = None,
+        expert_parallel_size: int = 1,
         data_parallel_size: Literal["auto"] | int = "auto",
         tensor_parallel_size: Literal["auto"] | int = "auto",
         save_distributed_checkpoint: bool = True,
@@ -50,6 +52,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             param_dtype: bfloat16 gathers parameters in bf16 (half the all-gather traffic and gathered
                 memory; gradients still reduced in fp32, routers gathered in fp32); null gathers the
                 fp32 parameters as stored.
+            expert_parallel_size: split every MoE layer's experts over this many consecutive ranks
+                and send tokens to their expert's rank with all_to_all (`distributed.expert_parallel`);
+                1: every rank holds (its FSDP shard of) all experts. Must divide the world size and E.
             data_parallel_size: Lightning's first mesh dim (default: the number of nodes).
             tensor_parallel_size: Lightning's second mesh dim (default: devices per node); TAG-MoE has no
                 tensor parallelism, so every rank is a data-parallel rank.
@@ -59,4 +64,5 @@ class FSDP2Strategy(ModelParallelStrategy):
             timeout: collective timeout.
         """
         super().__init__(data_parallel_size, tensor_parallel_size, save_distributed_checkpoint, process_group_backend, timeout)
-        self.fsdp2 = FSDP2Options(activation_checkpointing, hybrid_shard, reshard_after_forward, param_dtype)
+        self.fsdp2 = FSDP2Options(activation_checkpointing, hybrid_shard, reshard_after_forward, param_dtype,
+                                   expert_parallel_size)

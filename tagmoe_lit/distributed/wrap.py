@@ -1,9 +1,9 @@
-"""The one place where features that wrap the model from outside are applied (FSDP2 today; LoRA and
-expert parallelism plug in here), and where a meta build is made real.
+"""The one place where parallelism is applied to the model from outside (FSDP2, with expert
+parallelism when configured), and where a meta build is made real.
 
 `TagMoEModule.configure_model` builds its components, freezes what it must, then calls `wrap_model`
 once. The order is fixed, as in torchtitan's `parallelize_*`: sharding (which must see the final
-module tree: a future LoRA wrapper goes before it), then materialization of a meta build on the
+module tree: LoRA's adapters are attached before it, by `trainable.settle_parameters`), then materialization of a meta build on the
 strategy's device (under FSDP2 each rank allocates only its shards).
 """
 
@@ -46,7 +46,7 @@ def wrap_model(
     if mesh is not None:
         options = fsdp2_options(strategy)
         parallelize(backbone, mesh, backbone.blocks, options.activation_checkpointing, options.hybrid_shard,
-                    options.reshard_after_forward, options.param_dtype)
+                    options.reshard_after_forward, options.param_dtype, options.expert_parallel_size)
         without_autocast_cache(backbone)
         for part in others:  # the tag embedder and the head stay fp32: they are tiny and shape the alignment loss
             parallelize(part, mesh, hybrid_shard=options.hybrid_shard, reshard_after_forward=options.reshard_after_forward)

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 Dispatch = Literal["auto", "sorted", "grouped", "loop"]
 
@@ -43,10 +44,14 @@ class StackedExperts(nn.Module):
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(w1 [E, D, H], w2 [E, H, D]) as every backend uses them: with a LoRA adapter attached,
-        the frozen weights plus its low-rank update (`lora.ExpertLoRA.merged`)."""
-        if self.lora is None:
-            return self.w1_EDH, self.w2_EHD
-        return self.lora.merged(self.w1_EDH, self.w2_EHD)
+        the frozen weights plus its low-rank update (`lora.ExpertLoRA.merged`). Under expert
+        parallelism these are this rank's experts only (`distributed/expert_parallel.py`)."""
+        w1, w2 = _local(self.w1_EDH), _local(self.w2_EHD)
+        return (w1, w2) if self.lora is None else self.lora.merged(w1, w2)
+
+    def biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(b1 [E, H], b2 [E, D]), None without biases; this rank's experts only under expert parallelism."""
+        return _local(self.b1_EH), _local(self.b2_ED)
 
     def reset_parameters(self) -> None:
         """nn.Linear's default init, per expert (used when not upcycling)."""
@@ -61,11 +66,10 @@ class StackedExperts(nn.Module):
     def _per_expert(self) -> list[tuple[torch.Tensor, ...]]:
         """(w1, b1, w2, b2) views of every expert. `unbind` once: indexing `w[e]` per expert would
         make autograd build a zero-filled full-size [E, …] gradient for every slice."""
-        none = [None] * self.num_experts
-        b1 = self.b1_EH.unbind(0) if self.b1_EH is not None else none
-        b2 = self.b2_ED.unbind(0) if self.b2_ED is not None else none
         w1, w2 = self.weights()
-        return list(zip(w1.unbind(0), b1, w2.unbind(0), b2))
+        b1, b2 = self.biases()
+        none = [None] * w1.shape[0]
+        return list(zip(w1.unbind(0), none if b1 is None else b1.unbind(0), w2.unbind(0), none if b2 is None else b2.unbind(0)))
 
     @staticmethod
     def _mlp(x_MD: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
@@ -78,6 +82,11 @@ class StackedExperts(nn.Module):
         """Run expert `e` alone (the loop oracle's path)."""
         return self._mlp(x_MD, *self._per_expert()[e])
 
+    def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor, grouped: bool = False) -> torch.Tensor:
+        """Tokens already sorted by expert, `counts_E` rows per expert: the sorted or the grouped
+        backend. The one entry point, so that expert parallelism's hooks see every call."""
+        return self.forward_grouped(x_MD, counts_E) if grouped else self.forward_sorted(x_MD, counts_E)
+
     def forward_sorted(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Tokens already sorted by expert: one matmul pair per contiguous expert slice.
 
@@ -85,10 +94,11 @@ class StackedExperts(nn.Module):
         gradient straight into preallocated buffers: autograd's own graph would `cat` the outputs
         and `stack` the E weight gradients, copies that cost ~9 % of the layer at 1024 tokens.
         """
-        b1 = self.b1_EH if self.b1_EH is not None else self.w1_EDH.new_zeros(0)
-        b2 = self.b2_ED if self.b2_ED is not None else self.w2_EHD.new_zeros(0)
-        dtype = _compute_dtype(x_MD)  # its matmuls write into buffers (`out=`), which autocast does not cast
         w1, w2 = self.weights()
+        b1, b2 = self.biases()
+        b1 = b1 if b1 is not None else w1.new_zeros(0)
+        b2 = b2 if b2 is not None else w2.new_zeros(0)
+        dtype = compute_dtype(x_MD)  # its matmuls write into buffers (`out=`), which autocast does not cast
         return _SortedExperts.apply(x_MD.to(dtype), counts_E.tolist(), *(t.to(dtype) for t in (w1, b1, w2, b2)))
 
     def forward_grouped(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -101,22 +111,29 @@ class StackedExperts(nn.Module):
         the tokens and weights are cast to the autocast dtype here, as autocast would for a matmul.
         """
         offs_E = counts_E.cumsum(0).to(torch.int32)
-        dtype = _compute_dtype(x_MD)
+        dtype = compute_dtype(x_MD)
         x_MD = x_MD.to(dtype)
         w1, w2 = (w.to(dtype) for w in self.weights())
+        b1, b2 = self.biases()
         h_MH = torch._grouped_mm(x_MD.contiguous(), w1, offs=offs_E)
-        if self.b1_EH is not None:
-            h_MH = h_MH + self.b1_EH.to(h_MH.dtype).repeat_interleave(counts_E, dim=0, output_size=x_MD.shape[0])
+        if b1 is not None:
+            h_MH = h_MH + b1.to(h_MH.dtype).repeat_interleave(counts_E, dim=0, output_size=x_MD.shape[0])
         y_MD = torch._grouped_mm(F.gelu(h_MH, approximate="tanh").contiguous(), w2, offs=offs_E)
-        if self.b2_ED is not None:
-            y_MD = y_MD + self.b2_ED.to(y_MD.dtype).repeat_interleave(counts_E, dim=0, output_size=x_MD.shape[0])
+        if b2 is not None:
+            y_MD = y_MD + b2.to(y_MD.dtype).repeat_interleave(counts_E, dim=0, output_size=x_MD.shape[0])
         return y_MD
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on `x` would run in here: autocast's, inside an autocast region."""
     kind = x.device.type
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A parameter's local tensor: expert parallelism makes the expert weights DTensors split over
+    experts (this rank computes with its own); elsewhere the parameter itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class _SortedExperts(torch.autograd.Function):

@@ -176,8 +176,7 @@ class MoELayer(nn.Module):
         order_M = torch.argsort(idx_M, stable=True)  # assignment positions grouped by expert
         counts_E = F.one_hot(idx_M, self.num_experts).sum(0)  # static shape [E] (bincount's is data-dependent)
         x_MD = x_ND.index_select(0, order_M // self.top_k)
-        run = self.experts.forward_grouped if grouped else self.experts.forward_sorted
-        y_MD = run(x_MD, counts_E)
+        y_MD = self.experts(x_MD, counts_E, grouped=grouped)
         y_MD = (y_MD.float() * scores_NK.reshape(-1)[order_M, None]).to(x_ND.dtype)
         out_MD = y_MD.new_empty(N * self.top_k, D).index_copy_(0, order_M, y_MD)  # in place: no clone of the buffer
         return out_MD if self.top_k == 1 else out_MD.view(N, self.top_k, D).sum(1)
