@@ -202,3 +202,33 @@ def test_8bit_adamw_state_closed_form_equals_bitsandbytes_real_states():
     real = sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
                if torch.is_tensor(t) and t.data_ptr() not in {q.data_ptr() for q in (optimizer.name2qmap.values())})
     assert optimizer_state_bytes("bitsandbytes.optim.AdamW8bit", params, 1) == real
+
+
+# -- expert parallelism ------------------------------------------------------------------------------
+EP2 = ["--trainer.strategy.init_args.expert_parallel_size", "2"]
+
+
+def test_expert_parallel_plan_gathers_fewer_experts_and_moves_tokens(sharded):
+    """EP over 2 of the 8 ranks: memory still equals the closed form (each rank's local experts
+    sharded over the 4 ranks that share them), fewer expert bytes are gathered, the FLOPs do not
+    change, and the token all_to_alls equal their closed form under balanced routing: every MoE
+    layer sends its tokens out and back (dispatch, combine) in forward, the checkpoint recompute and
+    backward, in bf16, keeping 1/ep of them."""
+    p = plan(BASE + FSDP2 + EP2, world_size=8)
+    mem, closed, s = p["memory_bytes"], p["closed_form_bytes"], p["config"]["shapes"]
+    for kind in ("parameters", "gradients", "optimizer_state"):
+        assert mem[kind] == closed[kind] > 0, kind
+    assert p["config"]["expert_parallel_size"] == 2 and s["checkpointing"]
+    exchange = s["micro_batch"] * s["image_tokens"] * s["top_k"] * s["width"] * 2  # bf16 tokens
+    comm = p["collective_bytes"]
+    assert comm["all_to_all_buffers"] == s["moe_blocks"] * 2 * 3 * exchange
+    assert comm["tokens_sent_per_rank"] == comm["all_to_all_buffers"] / 2
+    assert comm["all_gather_buffers"] < sharded["collective_bytes"]["all_gather_buffers"]
+    assert p["flops"]["measured"] == sharded["flops"]["measured"]
+
+
+@pytest.mark.parametrize("world, ep, words", [(6, 4, "expert_parallel_size=4 does not divide the 6 ranks"),
+                                               (6, 3, "the 4 experts of each MoE layer cannot be split evenly")])
+def test_expert_parallel_plan_refuses_sizes_that_do_not_divide(world, ep, words):
+    with pytest.raises(ValueError, match=words):
+        plan(BASE + FSDP2 + ["--trainer.strategy.init_args.expert_parallel_size", str(ep)], world_size=world)

@@ -83,13 +83,19 @@ class ExpertParallel:
         counts_PL = counts_E.view(P, L)  # rows this rank sends to rank p's expert l
         recv_PL = torch.empty_like(counts_PL)  # rows rank p sends to this rank's expert l
         dist.all_to_all_single(recv_PL, counts_PL.contiguous(), group=self.group)
-        send, recv = counts_PL.sum(1).tolist(), recv_PL.sum(1).tolist()
+        send, recv = self.splits(counts_PL, recv_PL, x_MD.shape[0])
         x_MD = x_MD.to(compute_dtype(x_MD))  # send what the experts compute in (bf16 under autocast)
         x_RD = all_to_all_single_autograd(x_MD.contiguous(), recv, send, self.group)
         local_R = torch.arange(L, device=x_RD.device).repeat(P).repeat_interleave(recv_PL.flatten(), output_size=sum(recv))
         order_R = torch.argsort(local_R, stable=True)  # (source, expert) order → (expert, source) order
         self._pending.append((send, recv, order_R))
         return (x_RD.index_select(0, order_R), recv_PL.sum(0), *args[2:]), kwargs
+
+    @staticmethod
+    def splits(counts_PL: torch.Tensor, recv_PL: torch.Tensor, rows: int) -> tuple[list[int], list[int]]:
+        """Rows sent to and received from each rank of the group (on the host: all_to_all needs them;
+        `plan` replaces this with balanced routing, as fake tensors hold no counts)."""
+        return counts_PL.sum(1).tolist(), recv_PL.sum(1).tolist()
 
     def combine(self, experts: nn.Module, args: tuple, kwargs: dict, y_RD: torch.Tensor) -> torch.Tensor:
         """The local experts' rows back to the ranks and order they came from."""

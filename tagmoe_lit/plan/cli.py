@@ -55,7 +55,8 @@ def summarize(s: Setup, m: Measured, mfu: float) -> dict[str, Any]:
     tracked = m.tracked  # what the memory tracker covers (under FSDP2: the backbone, its root)
     trainable = [p for p in tracked if p.requires_grad]
     optimized = trainable + m.untracked  # the tracker sees the optimizer's states of every parameter
-    states = optimizer_state_bytes(s.optimizer, optimized, W)
+    ep, experts = s.expert_parallel, frozenset(id(p) for layer in s.module.moe_layers for p in layer.experts.parameters())
+    states = optimizer_state_bytes(s.optimizer, optimized, W, ep, experts)
     measured_states = _kind(m.after_step, "Optstate")
     peak = m.peak.get("Total", 0)
     if m.optimizer_stand_in:  # its states never existed on fake tensors: add the closed form at the peak
@@ -63,13 +64,17 @@ def summarize(s: Setup, m: Measured, mfu: float) -> dict[str, Any]:
     total_params = sum(p.numel() for p in s.module.parameters())
     backbone_params = sum(p.numel() for p in s.module.backbone.parameters())
     all_gather, reduce_scatter, all_reduce = sum(m.all_gather_bytes), sum(m.reduce_scatter_bytes), sum(m.all_reduce_bytes)
-    sharding = ring_bytes(all_gather + reduce_scatter, W)  # inside the shard group
+    calls = zip([*m.all_gather_bytes, *m.reduce_scatter_bytes], [*m.all_gather_ranks, *m.reduce_scatter_ranks])
+    sharding = sum(ring_bytes(b, n) for b, n in calls)  # inside each call's shard group (the experts': W / ep ranks)
     replicas = ring_bytes(all_reduce, s.world_size // W, all_reduce=True)  # HSDP: across nodes
     across = sharding if W > s.per_node else 0.0  # a shard group wider than a node crosses the network
-    nvlink, network = sharding - across, across + replicas
+    tokens = sum(m.all_to_all_bytes) * (ep - 1) / ep  # balanced: 1/ep of each exchange stays on the rank
+    tokens_across = tokens if s.per_node % ep else 0.0  # an ep group is ep consecutive ranks: inside a node if they fit
+    nvlink, network = sharding - across + tokens - tokens_across, across + replicas + tokens_across
     memory = {k: v for k, v in m.peak.items() if k != "Total"}
     return {
-        "config": {"world_size": s.world_size, "shards": W, "hybrid_shard": s.hybrid, "micro_batch": s.micro_batch, "image_hw": list(s.image_hw),
+        "config": {"world_size": s.world_size, "shards": W, "hybrid_shard": s.hybrid, "expert_parallel_size": ep,
+                   "micro_batch": s.micro_batch, "image_hw": list(s.image_hw),
                    "text_tokens": s.text_tokens, "precision": s.precision, "optimizer": s.optimizer,
                    "activation_checkpointing": sh.checkpointing, "shapes": asdict(sh)},
         "parameter_count": {"backbone": backbone_params, "alignment": total_params - backbone_params},
@@ -80,21 +85,23 @@ def summarize(s: Setup, m: Measured, mfu: float) -> dict[str, Any]:
             "frozen_encoders": dict(s.frozen), "peak_with_encoders": peak + sum(s.frozen.values()),
         },
         "closed_form_bytes": {
-            "parameters": sharded_bytes(tracked, W, 4),
-            "gradients": sharded_bytes(trainable, W, 4),
+            "parameters": sharded_bytes(tracked, W, 4, ep, experts),
+            "gradients": sharded_bytes(trainable, W, 4, ep, experts),
             "optimizer_state": states,
         },
         "untracked_bytes": sharded_bytes(m.untracked, W, 4 + 4),  # their parameters and gradients
         "flops": {"measured": m.flops, "closed_form": closed.get("total"), "experts": m.expert_flops, **closed},
         "collective_bytes": {"all_gather_buffers": all_gather, "reduce_scatter_buffers": reduce_scatter,
-                             "all_reduce_buffers": all_reduce,
-                             "calls": [len(m.all_gather_bytes), len(m.reduce_scatter_bytes), len(m.all_reduce_bytes)],
-                             "sent_per_rank": nvlink + network, "sent_over_network": network},
+                             "all_reduce_buffers": all_reduce, "all_to_all_buffers": sum(m.all_to_all_bytes),
+                             "calls": [len(m.all_gather_bytes), len(m.reduce_scatter_bytes), len(m.all_reduce_bytes),
+                                       len(m.all_to_all_bytes)],
+                             "sent_per_rank": nvlink + network, "sent_over_network": network, "tokens_sent_per_rank": tokens},
         "host_ram_bytes": {
             "start_from_weights": total_params * 2,  # rank 0 reads the bf16 release once, then broadcasts
             "consolidation": total_params * 4 + (optimizer_state_bytes(s.optimizer, optimized, 1) or 0),  # all shards gathered
         },
-        "step_seconds": {f"{gpu} at MFU {mfu}": step_seconds(m.flops, mfu, nvlink, network) for gpu in HBM},
+        "step_seconds": {f"{gpu} at MFU {mfu}": step_seconds(m.flops, mfu, nvlink, network, tokens - tokens_across, tokens_across)
+                         for gpu in HBM},
         "fits": {gpu: peak + sum(s.frozen.values()) <= hbm * 0.95 for gpu, hbm in HBM.items()},
         "checks": {"moe_input_dtypes": sorted(set(m.moe_dtypes)), "attention": m.attention_ops,
                    "optimizer_states": "closed form (cannot run on fake tensors)" if m.optimizer_stand_in else "measured"},
@@ -113,7 +120,8 @@ def table(p: dict[str, Any]) -> str:
     unit, scale = ("GiB", GIB) if mem["peak_with_encoders"] >= GIB else ("MiB", 2**20)
     g = lambda b: "–" if b is None else f"{b / scale:.3f}"  # noqa: E731
     lines = [
-        f"plan: {c['world_size']} rank(s){' (HSDP: shards of ' + str(c['shards']) + ')' if c['hybrid_shard'] else ''}, micro-batch {c['micro_batch']}, {c['image_hw'][0]}×{c['image_hw'][1]} px, "
+        f"plan: {c['world_size']} rank(s){' (HSDP: shards of ' + str(c['shards']) + ')' if c['hybrid_shard'] else ''}"
+        f"{', experts split over ' + str(c['expert_parallel_size']) + ' ranks (EP)' if c['expert_parallel_size'] > 1 else ''}, micro-batch {c['micro_batch']}, {c['image_hw'][0]}×{c['image_hw'][1]} px, "
         f"{c['text_tokens']} text tokens, {c['precision']}, {c['optimizer']}, "
         f"activation checkpointing {'on' if c['activation_checkpointing'] else 'off'}",
         "",
@@ -133,7 +141,8 @@ def table(p: dict[str, Any]) -> str:
         f"{'n/a: not everything learns' if fl['closed_form'] is None else format(fl['closed_form'], '.4g')}; experts {fl['experts']:.4g})",
         f"collectives per step: all-gather buffers {g(p['collective_bytes']['all_gather_buffers'])} {unit}, reduce-scatter "
         f"{g(p['collective_bytes']['reduce_scatter_buffers'])} {unit}, all-reduce {g(p['collective_bytes']['all_reduce_buffers'])} "
-        f"{unit}; sent per rank {g(p['collective_bytes']['sent_per_rank'])} {unit}, "
+        f"{unit}, all-to-all (EP tokens) {g(p['collective_bytes']['all_to_all_buffers'])} {unit}; "
+        f"sent per rank {g(p['collective_bytes']['sent_per_rank'])} {unit}, "
         f"{g(p['collective_bytes']['sent_over_network'])} of it between nodes",
         f"host RAM: start from weights (rank 0) {g(p['host_ram_bytes']['start_from_weights'])} {unit}, "
         f"consolidation {g(p['host_ram_bytes']['consolidation'])} {unit}",

@@ -85,18 +85,23 @@ def step_flops(s: Shapes) -> dict[str, int]:
             "total": forward + int(backward) + recompute}
 
 
-def shard_numel(shape: torch.Size | tuple[int, ...], world: int) -> int:
+def shard_numel(shape: torch.Size | tuple[int, ...], world: int, expert_split: int = 1) -> int:
     """Elements of one rank's FSDP2 shard: the split dim (`distributed.fsdp2.shard_placement`: dim 0,
-    or the longest dim when dim 0 has fewer rows than ranks) cut in ceil(n / W) (the last ranks padded)."""
+    or the longest dim when dim 0 has fewer rows than ranks) cut in ceil(n / W) (the last ranks padded).
+    An expert tensor under expert parallelism: its E / `expert_split` local experts over W / `expert_split` ranks."""
     if not shape:
         return 1
+    if expert_split > 1:
+        shape, world = (shape[0] // expert_split, *shape[1:]), world // expert_split
     dim = split_dim(tuple(shape), world)
     return math.ceil(shape[dim] / world) * math.prod(shape) // shape[dim]
 
 
-def sharded_bytes(parameters: list[nn.Parameter], world: int, bytes_per_element: int) -> int:
-    """Bytes per rank of `parameters` sharded over `world` ranks (1: unsharded)."""
-    return sum(shard_numel(p.shape, world) * bytes_per_element for p in parameters)
+def sharded_bytes(parameters: list[nn.Parameter], world: int, bytes_per_element: int, expert_split: int = 1,
+                  experts: frozenset[int] = frozenset()) -> int:
+    """Bytes per rank of `parameters` sharded over `world` ranks (1: unsharded); those whose id is in
+    `experts` split over `expert_split` expert-parallel ranks first."""
+    return sum(shard_numel(p.shape, world, expert_split if id(p) in experts else 1) * bytes_per_element for p in parameters)
 
 
 def ring_bytes(buffer_bytes: float, ranks: int, all_reduce: bool = False) -> float:
@@ -105,29 +110,34 @@ def ring_bytes(buffer_bytes: float, ranks: int, all_reduce: bool = False) -> flo
     return (2 if all_reduce else 1) * buffer_bytes * (ranks - 1) / ranks if ranks > 1 else 0.0
 
 
-def step_seconds(flops: float, mfu: float, nvlink_bytes: float, network_bytes: float) -> dict[str, float]:
+def step_seconds(flops: float, mfu: float, nvlink_bytes: float, network_bytes: float,
+                 exposed_nvlink: float = 0.0, exposed_network: float = 0.0) -> dict[str, float]:
     """Compute time at `mfu` of the bf16 peak, and collective time: bytes sent inside a node over NVLink,
-    between nodes over the network. The step takes the larger of the two when FSDP overlaps them, their
-    sum if not."""
+    between nodes over the network. FSDP's collectives overlap compute, so the step takes the larger of
+    the two; the `exposed_*` part of the bytes (expert parallelism's token exchanges, which the next
+    computation waits for) adds to the compute side instead. Without overlap, their sum."""
     compute = flops / (H100_BF16_FLOPS * mfu)
     comm = nvlink_bytes / NVLINK_BYTES_S + network_bytes / NETWORK_BYTES_S
-    return {"compute_s": compute, "comm_s": comm, "overlapped_s": max(compute, comm), "serial_s": compute + comm}
+    exposed = exposed_nvlink / NVLINK_BYTES_S + exposed_network / NETWORK_BYTES_S
+    return {"compute_s": compute, "comm_s": comm, "overlapped_s": max(compute + exposed, comm - exposed),
+            "serial_s": compute + comm}
 
 
 BNB_BLOCK, BNB_MIN_8BIT = 256, 4096  # bitsandbytes' blockwise 8-bit states: block size, smallest 8-bit tensor
 
 
-def optimizer_state_bytes(optimizer: str, parameters: list[nn.Parameter], world: int) -> int | None:
+def optimizer_state_bytes(optimizer: str, parameters: list[nn.Parameter], world: int, expert_split: int = 1,
+                          experts: frozenset[int] = frozenset()) -> int | None:
     """Bytes per rank of the optimizer's states for `parameters` sharded over `world` ranks (None: unknown
     optimizer). torch's Adam(W): two fp32 moments and one fp32 step count per parameter; bitsandbytes'
     8-bit Adam(W): two uint8 moments plus one fp32 absmax per 256-element block each, fp32 moments for
-    tensors under 4096 elements; SGD without momentum: none."""
+    tensors under 4096 elements; SGD without momentum: none. Expert tensors as in `sharded_bytes`."""
     if optimizer in ("torch.optim.AdamW", "torch.optim.Adam", "tagmoe_lit.optim.AdamW"):
-        return sharded_bytes(parameters, world, 8) + 4 * len(parameters)
+        return sharded_bytes(parameters, world, 8, expert_split, experts) + 4 * len(parameters)
     if optimizer in ("bitsandbytes.optim.AdamW8bit", "bitsandbytes.optim.PagedAdamW8bit"):
         total = 0
         for p in parameters:
-            n = shard_numel(p.shape, world)
+            n = shard_numel(p.shape, world, expert_split if id(p) in experts else 1)
             total += 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK) if p.numel() >= BNB_MIN_8BIT else 8 * n
         return total
     if optimizer == "torch.optim.SGD":

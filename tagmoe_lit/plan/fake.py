@@ -67,33 +67,66 @@ def cuda_attention() -> Iterator[None]:
 
 @dataclass
 class CollectiveLog:
-    """Bytes of every all-gather and reduce-scatter FSDP2 issues during a step (buffer sizes on one rank)."""
+    """Bytes of every collective of a step on one rank: FSDP2's all-gathers and reduce-scatters (with
+    the size of the group each ran over: all ranks, or the ranks that share experts under EP), HSDP's
+    all-reduces, and expert parallelism's token all_to_alls."""
 
     all_gather: list[int] = field(default_factory=list)  # output (gathered) bytes per call
     reduce_scatter: list[int] = field(default_factory=list)  # input (unreduced) bytes per call
     all_reduce: list[int] = field(default_factory=list)  # bytes per call (HSDP: gradient shards across replicas)
+    all_gather_ranks: list[int] = field(default_factory=list)  # group size of each all-gather
+    reduce_scatter_ranks: list[int] = field(default_factory=list)  # group size of each reduce-scatter
+    all_to_all: list[int] = field(default_factory=list)  # token bytes per all_to_all (forward, recompute, backward)
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[CollectiveLog]:
         """Record FSDP2's collectives (`dist.all_gather_single`, `reduce_scatter_single`, and `all_reduce`
-        across replicas under HSDP: what it calls)."""
+        across replicas under HSDP: what it calls) and expert parallelism's token exchanges."""
+        from tagmoe_lit.distributed import expert_parallel
+        from tagmoe_lit.moe.expert_counts import in_backward
+
         gather, scatter, reduce = dist.all_gather_single, dist.reduce_scatter_single, dist.all_reduce
+        exchange = expert_parallel.all_to_all_single_autograd
 
         def all_gather(output_tensor, input_tensor, *args, **kwargs):
             self.all_gather.append(output_tensor.numel() * output_tensor.element_size())
+            self.all_gather_ranks.append(output_tensor.numel() // max(input_tensor.numel(), 1))
             return gather(output_tensor, input_tensor, *args, **kwargs)
 
         def reduce_scatter(output, input, *args, **kwargs):
             self.reduce_scatter.append(input.numel() * input.element_size())
+            self.reduce_scatter_ranks.append(input.numel() // max(output.numel(), 1))
             return scatter(output, input, *args, **kwargs)
 
         def all_reduce(tensor, *args, **kwargs):
             self.all_reduce.append(tensor.numel() * tensor.element_size())
             return reduce(tensor, *args, **kwargs)
 
+        def all_to_all(input, *args, **kwargs):
+            sent = input.numel() * input.element_size()
+            self.all_to_all.extend([sent] if in_backward() else [sent, sent])  # a forward's gradient comes back once
+            return exchange(input, *args, **kwargs)
+
         with mock.patch.object(dist, "all_gather_single", all_gather), \
-                mock.patch.object(dist, "reduce_scatter_single", reduce_scatter), mock.patch.object(dist, "all_reduce", all_reduce):
+                mock.patch.object(dist, "reduce_scatter_single", reduce_scatter), mock.patch.object(dist, "all_reduce", all_reduce), \
+                mock.patch.object(expert_parallel, "all_to_all_single_autograd", all_to_all):
             yield self
+
+
+@contextlib.contextmanager
+def balanced_expert_splits() -> Iterator[None]:
+    """Expert parallelism needs each rank's token counts on the host, which fake tensors do not hold:
+    plan with perfectly balanced routing (what the balance loss aims at), every rank sending
+    1/ep of its rows to each rank of its group and receiving as many."""
+    from tagmoe_lit.distributed.expert_parallel import ExpertParallel
+
+    def balanced(counts_PL: torch.Tensor, recv_PL: torch.Tensor, rows: int) -> tuple[list[int], list[int]]:
+        P = counts_PL.shape[0]
+        even = [rows // P + (p < rows % P) for p in range(P)]
+        return even, even
+
+    with mock.patch.object(ExpertParallel, "splits", staticmethod(balanced)):
+        yield
 
 
 @contextlib.contextmanager

@@ -21,8 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from tagmoe_lit.backbone.qwen_image import QWEN_IMAGE_IO
 from tagmoe_lit.plan.closed_form import Shapes
 from tagmoe_lit.plan.encoders import frozen_encoder_bytes
-from tagmoe_lit.plan.fake import (CollectiveLog, StubCodec, StubTextEncoder, cuda_attention, fake_world, frozen_safe,
-                                  register_grouped_mm_flops)
+from tagmoe_lit.plan.fake import (CollectiveLog, StubCodec, StubTextEncoder, balanced_expert_splits, cuda_attention, fake_world,
+                                  frozen_safe, register_grouped_mm_flops)
 
 # Token shapes of codecs and text encoders whose weights a plan does not load (local folders).
 KNOWN_CODECS = {"tagmoe_lit.backbone.QwenVAECodec": {"token_channels": 64, "patch": 2, "channels": 16, "downsample": 16}}
@@ -56,6 +56,13 @@ class Setup:
         return self.world_size > 1 and fsdp2_options(self.strategy).hybrid_shard
 
     @property
+    def expert_parallel(self) -> int:
+        """Ranks each MoE layer's experts are split over (`expert_parallel_size`; 1: none)."""
+        from tagmoe_lit.distributed.wrap import fsdp2_options
+
+        return fsdp2_options(self.strategy).expert_parallel_size if self.world_size > 1 else 1
+
+    @property
     def shards(self) -> int:
         """How many ranks one parameter is split over."""
         return self.per_node if self.hybrid else self.world_size
@@ -72,6 +79,9 @@ class Measured:
     all_gather_bytes: list[int] = field(default_factory=list)
     reduce_scatter_bytes: list[int] = field(default_factory=list)
     all_reduce_bytes: list[int] = field(default_factory=list)
+    all_gather_ranks: list[int] = field(default_factory=list)  # the group size of each all-gather
+    reduce_scatter_ranks: list[int] = field(default_factory=list)
+    all_to_all_bytes: list[int] = field(default_factory=list)  # expert parallelism's token exchanges
     moe_dtypes: list[str] = field(default_factory=list)  # dtype of the tokens each MoE layer received
     attention_ops: list[str] = field(default_factory=list)
     forward_end: dict[str, int] = field(default_factory=dict)  # the same when forward ends (saved activations)
@@ -301,7 +311,7 @@ def run_step(s: Setup) -> Measured:
             tracker = _tracker(sharded, m, parts, optimizer)
             seen, hooks = _moe_dtypes(m)
             flops = FlopCounterMode(display=False)
-            with tracker, flops, log.recording(), cuda_attention():
+            with tracker, flops, log.recording(), cuda_attention(), balanced_expert_splits():
                 with _autocast(s.precision):
                     terms = _Step(m)(batch, draws)
                 forward_end = tracker.get_tracker_snapshot()  # what forward leaves for backward
@@ -317,6 +327,7 @@ def run_step(s: Setup) -> Measured:
         peak=_bytes_by_kind(peak), after_step=_bytes_by_kind(after), forward_end=_bytes_by_kind(forward_end),
         flops=flops.get_total_flops(), expert_flops=int(counts.get(torch.ops.aten._grouped_mm, 0)),
         all_gather_bytes=log.all_gather, reduce_scatter_bytes=log.reduce_scatter, all_reduce_bytes=log.all_reduce,
+        all_gather_ranks=log.all_gather_ranks, reduce_scatter_ranks=log.reduce_scatter_ranks, all_to_all_bytes=log.all_to_all,
         moe_dtypes=seen,
         attention_ops=sorted(str(op).replace("aten.", "") for op in counts if "attention" in str(op)),
         optimizer_stand_in=stand_in,
