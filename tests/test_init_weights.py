@@ -216,13 +216,15 @@ def test_classes_without_an_init_are_named():
 
 
 @pytest.mark.slow
-def test_fsdp2_two_processes_from_meta_and_init_weights_equal_one_eager_process(kit, tmp_path):
-    """ModelParallelStrategy (gloo, activation checkpointing), built on meta, sharded, materialized and
-    filled from the export directory (rank 0 reads, tensors broadcast): the same losses and final
+@pytest.mark.parametrize("ranks, ep", [(2, 1), (4, 2)], ids=["fsdp2", "fsdp2-ep2"])
+def test_fsdp2_from_meta_and_init_weights_equals_one_eager_process(kit, tmp_path, ranks, ep):
+    """ModelParallelStrategy (gloo, activation checkpointing), built on meta, sharded (with expert
+    parallelism: experts split over 2 of the 4 ranks, then sharded), materialized and filled from the
+    export directory (rank 0 reads, tensors broadcast into every shard): the same losses and final
     weights as one eager process loading the same directory."""
     directory, _ = kit
     start = ["--model.init_weights", str(directory)]
     single(tmp_path / "one", *start)
-    seconds = torchrun(tmp_path / "two", *FSDP2, *META, *start)
-    diff = assert_same_run(tmp_path / "one", tmp_path / "two")
-    print(f"\nFSDP2 meta + init_weights 2 ranks vs eager 1 rank: max loss difference {diff:.2e}, {seconds:.1f} s")
+    seconds = torchrun(tmp_path / "many", *FSDP2, *META, *start, "--trainer.strategy.expert_parallel_size", str(ep), ranks=ranks)
+    diff = assert_same_run(tmp_path / "one", tmp_path / "many", ranks=ranks)
+    print(f"\nFSDP2 (ep {ep}) meta + init_weights {ranks} ranks vs eager 1 rank: max loss difference {diff:.2e}, {seconds:.1f} s")
