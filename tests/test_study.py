@@ -164,11 +164,12 @@ def test_report_is_written_from_finished_run_folders_only(tmp_path, monkeypatch)
                 "without_e0": {"tasks": {"recolor": {"success": 0.25, "flow_fixed": 0.4}, "stylize": {"success": None, "flow_fixed": 0.1}}}}
     (run_dir(out, preset.runs()[1]) / "knockout.json").write_text(json.dumps(knockout))
     report = tmp_path / "results.md"
-    report.write_text("# Results\n\nBefore.\n\n<!-- study:p:begin old -->\nold numbers\n<!-- study:p:end -->\n\nAfter.\n")
+    other = "<!-- study:other:begin (generated) -->\nanother preset's numbers\n<!-- study:other:end -->\n\n"
+    report.write_text(f"# Results\n\nBefore.\n\n{other}<!-- study:p:begin old -->\nold numbers\n<!-- study:p:end -->\n\nAfter.\n")
 
     write_report(preset, out, [], report, tmp_path / "figures")
     text = report.read_text()
-    assert text.startswith("# Results\n\nBefore.\n\n<!-- study:p:begin (generated") and text.endswith("<!-- study:p:end -->\n\nAfter.\n")
+    assert text.startswith(f"# Results\n\nBefore.\n\n{other}<!-- study:p:begin (generated") and text.endswith("<!-- study:p:end -->\n\nAfter.\n")
     assert "old numbers" not in text and "| stale |" not in text
     # seed mean ± std of each run's mean: success (all), (local = recolor), (global = stylize), psnr_preserved, psnr_edit, flow_fixed
     assert "| dense | 2 | 0.375 ± 0.177 | 0.750 ± 0.354 | 0.000 ± 0.000 | 30.000 ± 0.000 | 20.000 ± 0.000 | 0.200 ± 0.000 | – | 1.0 |" in text
