@@ -71,10 +71,6 @@ class ExpertParallel:
         self.local_experts = experts.num_experts // self.size
         self._pending: list[tuple[list[int], list[int], torch.Tensor]] = []
 
-    def install(self, experts: StackedExperts) -> None:
-        experts.register_forward_pre_hook(self.dispatch, with_kwargs=True)
-        experts.register_forward_hook(self.combine, with_kwargs=True)
-
     def dispatch(self, experts: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """(rows sorted by global expert, counts [E]) → (this rank's experts' rows sorted by local
         expert, their counts [E/ep])."""
@@ -116,5 +112,7 @@ def shard_experts(experts: StackedExperts, mesh: DeviceMesh) -> None:
     for name, param in list(experts.named_parameters(recurse=False)):
         sharded = distribute_tensor(param.data, mesh, [Shard(0)], src_data_rank=None)  # local chunk, no traffic
         setattr(experts, name, nn.Parameter(sharded, requires_grad=param.requires_grad))
-    ExpertParallel(experts, mesh).install(experts)
+    hooks = ExpertParallel(experts, mesh)
+    experts.register_forward_pre_hook(hooks.dispatch, with_kwargs=True)
+    experts.register_forward_hook(hooks.combine, with_kwargs=True)
 
