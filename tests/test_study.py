@@ -123,12 +123,21 @@ def test_runs_are_seed_major_with_extras_on_the_first_seed():
     assert {r.variant for r in runs if r.seed == 2} == {"dense", "moe_agnostic", "tagmoe", "tagcond_oracle"}
 
 
-def fake_run(directory: Path, key: str, success: list[float], flow: float, routed: bool) -> None:
-    """The files a finished run leaves for the report: done.json, test_report.json (4 samples: 2
-    recolor, 2 stylize), the TensorBoard folder with its config.yaml and a train/flow curve."""
+def test_variants_filter_keeps_each_chosen_variants_own_seeds_and_names_an_unknown_one():
+    preset = Preset.load(ROOT / "experiments/study/interference.yaml", root=ROOT)
+    runs = preset.only_variants(["dense_c1_w128", "tagmoe_c1_w128"]).only_seeds([1, 2]).runs()
+    assert [r.name for r in runs] == ["tagmoe_c1_w128/seed1", "tagmoe_c1_w128/seed2"]  # dense runs on seed 0 only
+    with pytest.raises(PresetError, match=r"no variant\(s\) \['tagmoe_c2_w128'\]"):
+        preset.only_variants(["tagmoe_c2_w128"])
+
+
+def fake_run(directory: Path, key: str, success: list[float], flow: float, routed: bool,
+             tasks: tuple[str, str] = ("recolor", "stylize")) -> None:
+    """The files a finished run leaves for the report: done.json, test_report.json (4 samples: 2 of
+    each task), the TensorBoard folder with its config.yaml and a train/flow curve."""
     from torch.utils.tensorboard import SummaryWriter
 
-    report = TaskReport(["recolor", "stylize"])
+    report = TaskReport(list(tasks))
     task = torch.tensor([0, 0, 1, 1])
     metrics = {"success": torch.tensor(success), "edit_accuracy": torch.full((4,), 0.5), "preserve_accuracy": torch.ones(4),
                "psnr_preserved": torch.full((4,), 30.0), "psnr_edit": torch.full((4,), 20.0), "ssim_preserved": torch.ones(4),
@@ -287,7 +296,7 @@ def test_runs_finished_before_the_config_reshape_are_recognised_and_migrated(tmp
     assert load_done(tmp_path, RunKey("another")) is None
 
 
-@pytest.mark.parametrize(("name", "count"), [("fidelity", 21), ("main", 25), ("interference", 54)])
+@pytest.mark.parametrize(("name", "count"), [("fidelity", 21), ("main", 25), ("interference", 42)])
 def test_a_screening_preset_resolves_every_run_to_a_distinct_config(name, count, monkeypatch):
     """Presets other than cpu/gpu (run by the smoke tests above) must at least compose: every run's config
     chain resolves, and no two runs share a fingerprint (a variant that changes nothing would)."""
@@ -310,23 +319,30 @@ def test_an_option_added_later_leaves_finished_runs_alone_at_its_default(monkeyp
 
 def test_the_dial_plots_the_seed_level_gap_against_conflict_level_and_width(tmp_path, monkeypatch):
     """Experiment B's table and figure: a − b of the primary metric per (level, width) cell, with
-    its seed-level interval and verdict; a cell without runs stays empty."""
+    its seed-level interval and verdict; a cell without runs stays empty; the gate model's success
+    on the twin tasks says at which levels the edits were learned."""
     monkeypatch.chdir(ROOT)
-    variants = {f"{m}_c{lv}_w1": ("[experiments/moe_agnostic.yaml]" if m == "agnostic" else "[]") for m in ("tagmoe", "agnostic") for lv in (0, 1)}
+    configs = {"agnostic": "[experiments/moe_agnostic.yaml]", "tagmoe": "[]", "dense": "[experiments/dense.yaml]"}
+    variants = {f"{m}_c{lv}_w1": configs[m] for m in configs for lv in (0, 1)}
     (tmp_path / "d.yaml").write_text(
         "base: [experiments/base.yaml]\nseeds: [0, 1]\nvariants: {" + ", ".join(f"{k}: {{configs: {v}}}" for k, v in variants.items())
-        + '}\ndial: {a: tagmoe, b: agnostic, levels: ["0", "1", "2"], widths: [w1]}\n')
-    with pytest.raises(PresetError, match=r"unknown variant\(s\) \['agnostic_c2_w1', 'tagmoe_c2_w1'\]"):
+        + '}\ndial: {a: tagmoe, b: agnostic, levels: ["0", "1", "2"], widths: [w1], gate: dense, learned: 0.8}\n')
+    with pytest.raises(PresetError, match=r"unknown variant\(s\) \['agnostic_c2_w1', 'dense_c2_w1', 'tagmoe_c2_w1'\]"):
         Preset.load(tmp_path / "d.yaml", root=ROOT)
     (tmp_path / "d.yaml").write_text((tmp_path / "d.yaml").read_text().replace(', "2"]', "]"))
     preset = Preset.load(tmp_path / "d.yaml", root=ROOT)
-    flows = {"tagmoe_c0_w1": 0.1, "agnostic_c0_w1": 0.2, "tagmoe_c1_w1": 0.3, "agnostic_c1_w1": 0.2}
+    flows = {"tagmoe_c0_w1": 0.1, "agnostic_c0_w1": 0.2, "tagmoe_c1_w1": 0.3, "agnostic_c1_w1": 0.2, "dense_c0_w1": 0.2, "dense_c1_w1": 0.2}
+    tasks = {"0": ("darken", "invert"), "1": ("darken", "brighten")}  # level 1: darken's twin is trained too
     for run in preset.runs():
-        fake_run(run_dir(tmp_path / "runs", run), fingerprint(run, [], preset.curves).current, [1, 1, 1, 1],
-                 flows[run.variant] + 0.01 * run.seed * (run.variant.startswith("tagmoe")), routed=True)
+        level = run.variant.split("_c")[1].split("_")[0]
+        success = [1, 1, 1, 0.5 - 0.5 * run.seed] if run.variant == "dense_c1_w1" else [1, 1, 1, 1]  # brighten: 0.75, then 0.5
+        fake_run(run_dir(tmp_path / "runs", run), fingerprint(run, [], preset.curves).current, success,
+                 flows[run.variant] + 0.01 * run.seed * (run.variant.startswith("tagmoe")), routed=True, tasks=tasks[level])
     write_report(preset, tmp_path / "runs", [], tmp_path / "results.md", tmp_path / "figures")
     text = (tmp_path / "results.md").read_text()
     assert "| width | conflict 0 | conflict 1 |" in text
     row = next(line for line in text.splitlines() if line.startswith("| w1 |"))
     assert "-0.0950 [" in row and "(2 seeds) **better**" in row and "+0.1050 [" in row and "(2 seeds) **worse**" in row
+    assert "- conflict 0: no task has its twin (2 seed(s))" in text
+    assert "- conflict 1: darken 1.00, brighten 0.62 → **not learned** (2 seed(s))" in text
     assert (tmp_path / "figures" / "d_dial.png").is_file()

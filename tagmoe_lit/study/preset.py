@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 _KEYS = {"base", "seeds", "variants", "compare", "curves", "knockout", "dial"}
-_DIAL_KEYS = {"a", "b", "levels", "widths"}
+_DIAL_KEYS = {"a", "b", "levels", "widths", "gate", "learned"}
 _VARIANT_KEYS = {"configs", "seeds"}
 _CURVE_KEYS = {"variants", "every_n_steps", "test_samples"}
 
@@ -62,19 +62,24 @@ class Curves:
 @dataclass(frozen=True)
 class Dial:
     """Experiment B's grid: the report plots variant `a` − variant `b` (variants named
-    `{model}_c{level}_{width}`) against the conflict level, one line per width."""
+    `{model}_c{level}_{width}`) against the conflict level, one line per width. `gate` names the
+    model whose edit success on the twin tasks at the first width must reach `learned` for a level's
+    gap to speak about interference (a model that never learns the edits cannot suffer from them)."""
 
     a: str
     b: str
     levels: tuple[str, ...]
     widths: tuple[str, ...]
+    gate: str | None = None
+    learned: float = 0.8
 
     @staticmethod
     def variant(model: str, level: str, width: str) -> str:
         return f"{model}_c{level}_{width}"
 
     def names(self) -> list[str]:
-        return [self.variant(m, lv, w) for m in (self.a, self.b) for lv in self.levels for w in self.widths]
+        gates = [self.variant(self.gate, lv, self.widths[0]) for lv in self.levels] if self.gate and self.widths else []
+        return [self.variant(m, lv, w) for m in (self.a, self.b) for lv in self.levels for w in self.widths] + gates
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,8 @@ class Preset:
         if raw.get("dial") is not None:
             _no_unknown(raw["dial"], _DIAL_KEYS, f"{where}, dial")
             d = raw["dial"]
-            dial = Dial(str(d.get("a", "")), str(d.get("b", "")), tuple(map(str, d.get("levels") or ())), tuple(map(str, d.get("widths") or ())))
+            dial = Dial(str(d.get("a", "")), str(d.get("b", "")), tuple(map(str, d.get("levels") or ())), tuple(map(str, d.get("widths") or ())),
+                        None if d.get("gate") is None else str(d["gate"]), float(d.get("learned", 0.8)))
         named = [*(v for pair in compare for v in pair), *curves.variants, *knockout, *(dial.names() if dial else ())]
         unknown = sorted({v for v in named if v not in variants})
         bad_pairs = [p for p in compare if len(p) != 2]
@@ -134,6 +140,13 @@ class Preset:
         """The same preset restricted to `seeds` (variants left with none are dropped)."""
         variants = {name: (configs, tuple(s for s in own if s in seeds)) for name, (configs, own) in self.variants.items()}
         return replace(self, variants={name: v for name, v in variants.items() if v[1]})
+
+    def only_variants(self, names: list[str]) -> "Preset":
+        """The same preset restricted to the variants `names` (to spend compute on one question first)."""
+        unknown = sorted(set(names) - set(self.variants))
+        if unknown:
+            raise PresetError(f"Study preset {self.name} has no variant(s) {unknown}; its variants: {list(self.variants)}.")
+        return replace(self, variants={name: v for name, v in self.variants.items() if name in names})
 
     def runs(self) -> list[Run]:
         """Every run, seed-major (all variants of the first seed first: a partial study is balanced)."""

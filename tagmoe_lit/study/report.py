@@ -17,6 +17,7 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 
+from tagmoe_lit.data.interference import TWINS
 from tagmoe_lit.data.synthtag import TASK_TAGS
 from tagmoe_lit.figures import heatmap
 from tagmoe_lit.io import atomic_write_text
@@ -242,7 +243,30 @@ def dial_section(f: Finished, figures: Path, link: Path) -> str:
     fig.tight_layout()
     path = figures / f"{f.preset.name}_dial.png"
     fig.savefig(path)
-    return "\n".join(lines) + f"\n\n![dial]({_rel(path, link)})\n"
+    return "\n".join([*lines, "", *learned_gate(f)]) + f"\n\n![dial]({_rel(path, link)})\n"
+
+
+def learned_gate(f: Finished) -> list[str]:
+    """Whether the gate model learned the conflicting edits at each level (first width): its mean
+    edit success over seeds on every task trained beside its twin, against the preset's threshold."""
+    dial = f.preset.dial
+    if not dial.gate:
+        return []
+    width = dial.widths[0]
+    lines = [f"Learned gate ({dial.gate} at {width}, edit success on the tasks trained with their twin, "
+             f"mean over its seeds; learned means ≥ {dial.learned:g} on each):", ""]
+    for level in dial.levels:
+        variant = dial.variant(dial.gate, level, width)
+        if variant not in f.reports:
+            lines.append(f"- conflict {level}: no finished {variant} run")
+            continue
+        tasks = next(iter(f.reports[variant].values()))["tasks"]
+        twinned = [t for t in tasks if TWINS.get(t) in tasks]
+        success = {t: mean_std([r["tasks"][t]["success"] for r in f.reports[variant].values()])[0] for t in twinned}
+        cells = ", ".join(f"{t} {v:.2f}" for t, v in success.items())
+        word = "no task has its twin" if not twinned else ("learned" if min(success.values()) >= dial.learned else "**not learned**")
+        lines.append(f"- conflict {level}: {cells + ' → ' if cells else ''}{word} ({len(f.reports[variant])} seed(s))")
+    return lines
 
 
 def knockout_table(f: Finished) -> str:

@@ -129,17 +129,17 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--figures", help="folder for the report's PNGs (default: results/ beside --report)")
     parser.add_argument("--smoke", action="store_true", help="2 steps per run and tiny evaluations: checks the whole suite runs")
     parser.add_argument("--seeds", type=int, nargs="+", help="run only these of the preset's seeds")
+    parser.add_argument("--variants", nargs="+", help="run only these of the preset's variants")
     parser.add_argument("--report_only", action="store_true", help="write the report from the finished runs; train nothing")
     known, extra = parser.parse_known_args(argv)
     preset = Preset.load(known.preset)
-    if known.seeds:
-        preset = preset.only_seeds(known.seeds)
     out = Path(known.out or f"runs/study/{preset.name}{'_smoke' if known.smoke else ''}")
     extra = [*SMOKE, *extra] if known.smoke else extra
     if known.smoke:
         preset = replace(preset, curves=replace(preset.curves, every_n_steps=1, test_samples=18))
-    if not known.report_only:
-        run_study(preset, out, extra)
+    if not known.report_only:  # --seeds / --variants choose what to train; the report covers every finished run
+        chosen = preset.only_variants(known.variants) if known.variants else preset
+        run_study(chosen.only_seeds(known.seeds) if known.seeds else chosen, out, extra)
     # late, like `_cli`: `study --help` stays instant (no cycle: the report imports runs.py, never this file)
     from tagmoe_lit.study.report import write_report
 
