@@ -346,3 +346,10 @@ def test_the_dial_plots_the_seed_level_gap_against_conflict_level_and_width(tmp_
     assert "- conflict 0: no task has its twin (2 seed(s))" in text
     assert "- conflict 1: darken 1.00, brighten 0.62 → **not learned** (2 seed(s))" in text
     assert (tmp_path / "figures" / "d_dial.png").is_file()
+    # a cell left with one seed has no interval: no verdict, and the plot draws it without one
+    (tmp_path / "figures" / "d_dial.png").unlink()
+    (run_dir(tmp_path / "runs", next(r for r in preset.runs() if r.name == "tagmoe_c1_w1/seed1")) / "done.json").unlink()
+    write_report(preset, tmp_path / "runs", [], tmp_path / "results.md", tmp_path / "figures")
+    row = next(line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| w1 |"))
+    assert "(2 seeds) **better**" in row and "+0.1000 (1 seed: no interval) cannot tell apart" in row
+    assert (tmp_path / "figures" / "d_dial.png").is_file()

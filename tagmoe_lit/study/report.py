@@ -224,20 +224,24 @@ def dial_section(f: Finished, figures: Path, link: Path) -> str:
     lines = [f"{dial.a} − {dial.b}, flow_fixed on all tasks (lower is better for {dial.a}):", "",
              "| width | " + " | ".join(f"conflict {lv}" for lv in dial.levels) + " |", "|---" * (len(dial.levels) + 1) + "|"]
     for width in dial.widths:
-        cells, xs, ys, lo, hi = [], [], [], [], []
+        cells, points = [], []
         for level in dial.levels:
             a, b = dial.variant(dial.a, level, width), dial.variant(dial.b, level, width)
             p = paired(f.samples(a), f.samples(b), "flow_fixed") if a in f.reports and b in f.reports else None
             cells.append(_paired_cell(p, higher_better=False))
             if p is not None:
-                interval = p.seed_interval or (p.seed_mean, p.seed_mean)
-                xs.append(float(level)), ys.append(p.seed_mean), lo.append(p.seed_mean - interval[0]), hi.append(interval[1] - p.seed_mean)
+                points.append((float(level), p.seed_mean, p.seed_interval))
         lines.append(f"| {width} | " + " | ".join(cells) + " |")
-        if xs:
-            ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=4, label=width)
+        if points:
+            line, = ax.plot([x for x, _, _ in points], [y for _, y, _ in points], marker="o", label=width)
+            for x, y, interval in points:  # a point without an interval (one seed) stays hollow: no claim
+                if interval:
+                    ax.errorbar([x], [y], yerr=[[y - interval[0]], [interval[1] - y]], color=line.get_color(), capsize=4)
+                else:
+                    ax.plot([x], [y], marker="o", color=line.get_color(), markerfacecolor="white")
     ax.axhline(0.0, color="gray", linewidth=0.8)
     ax.set(xlabel="conflict level (share of tasks with their twin)", ylabel=f"flow_fixed: {dial.a} − {dial.b}",
-           title="seed-level 95 % intervals", xticks=[float(level) for level in dial.levels])
+           title="seed-level 95 % intervals (hollow: one seed)", xticks=[float(level) for level in dial.levels])
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
