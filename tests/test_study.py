@@ -344,7 +344,7 @@ def test_the_dial_plots_the_seed_level_gap_against_conflict_level_and_width(tmp_
     row = next(line for line in text.splitlines() if line.startswith("| w1 |"))
     assert "-0.0950 [" in row and "(2 seeds) **better**" in row and "+0.1050 [" in row and "(2 seeds) **worse**" in row
     assert "- conflict 0: no task has its twin (2 seed(s))" in text
-    assert "- conflict 1: darken 1.00, brighten 0.62 → **not learned** (2 seed(s))" in text
+    assert "- conflict 1: darken 1.00 (alone 1.00), brighten 0.62 → **not learned** (2 seed(s))" in text
     assert (tmp_path / "figures" / "d_dial.png").is_file()
     # a cell left with one seed has no interval: no verdict, and the plot draws it without one
     (tmp_path / "figures" / "d_dial.png").unlink()

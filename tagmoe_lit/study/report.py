@@ -252,24 +252,30 @@ def dial_section(f: Finished, figures: Path, link: Path) -> str:
 
 def learned_gate(f: Finished) -> list[str]:
     """Whether the gate model learned the conflicting edits at each level (first width): its mean
-    edit success over seeds on every task trained beside its twin, against the preset's threshold."""
+    edit success over seeds on every task trained beside its twin, against the preset's threshold,
+    and beside it the same task's success at a level where it trains without its twin (the drop
+    between the two is the interference the gate model itself suffers)."""
     dial = f.preset.dial
     if not dial.gate:
         return []
     width = dial.widths[0]
+    runs = {level: f.reports[v] for level in dial.levels if (v := dial.variant(dial.gate, level, width)) in f.reports}
+
+    def success(level: str, task: str) -> float:
+        return mean_std([r["tasks"][task]["success"] for r in runs[level].values()])[0]
+
+    trained = {level: next(iter(reports.values()))["tasks"] for level, reports in runs.items()}
+    alone = {t: success(level, t) for level, tasks in trained.items() for t in tasks if TWINS.get(t) not in tasks}
     lines = [f"Learned gate ({dial.gate} at {width}, edit success on the tasks trained with their twin, "
-             f"mean over its seeds; learned means ≥ {dial.learned:g} on each):", ""]
+             f"mean over its seeds, and in brackets the task trained without its twin; learned means ≥ {dial.learned:g} on each):", ""]
     for level in dial.levels:
-        variant = dial.variant(dial.gate, level, width)
-        if variant not in f.reports:
-            lines.append(f"- conflict {level}: no finished {variant} run")
+        if level not in runs:
+            lines.append(f"- conflict {level}: no finished {dial.variant(dial.gate, level, width)} run")
             continue
-        tasks = next(iter(f.reports[variant].values()))["tasks"]
-        twinned = [t for t in tasks if TWINS.get(t) in tasks]
-        success = {t: mean_std([r["tasks"][t]["success"] for r in f.reports[variant].values()])[0] for t in twinned}
-        cells = ", ".join(f"{t} {v:.2f}" for t, v in success.items())
-        word = "no task has its twin" if not twinned else ("learned" if min(success.values()) >= dial.learned else "**not learned**")
-        lines.append(f"- conflict {level}: {cells + ' → ' if cells else ''}{word} ({len(f.reports[variant])} seed(s))")
+        twinned = {t: success(level, t) for t in trained[level] if TWINS.get(t) in trained[level]}
+        cells = ", ".join(f"{t} {v:.2f}" + (f" (alone {alone[t]:.2f})" if t in alone else "") for t, v in twinned.items())
+        word = "no task has its twin" if not twinned else ("learned" if min(twinned.values()) >= dial.learned else "**not learned**")
+        lines.append(f"- conflict {level}: {cells + ' → ' if cells else ''}{word} ({len(runs[level])} seed(s))")
     return lines
 
 
