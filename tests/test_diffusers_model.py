@@ -127,4 +127,8 @@ def test_a_stock_pipeline_runs_it_and_saves_and_reloads_it_by_class_name(pipelin
     assert index["transformer"] == ["tagmoe_lit.convert.transformer", "TagMoEQwenImageTransformer2DModel"]
     again = DiffusionPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)
     assert type(again.transformer) is TagMoEQwenImageTransformer2DModel
-    torch.testing.assert_close(run_pipe(again), first, rtol=0, atol=0)
+    # Not bitwise: with today's registry (fresh install 2026-12-07: transformers 5.25, accelerate 1.16)
+    # the transformer DiffusionPipeline rebuilds moves the latents by ≤ 7.2e-7 (swapping the original
+    # transformer back in makes them exact; the direct from_pretrained tests above stay bitwise).
+    # Scaling one MoE block's experts by 1.001 moves them by 9.2e-5, so the bound still catches wrong weights.
+    torch.testing.assert_close(run_pipe(again), first, rtol=0, atol=2e-6)
