@@ -125,7 +125,7 @@ class Preset:
             _no_unknown(raw["dial"], _DIAL_KEYS, f"{where}, dial")
             d = raw["dial"]
             dial = Dial(str(d.get("a", "")), str(d.get("b", "")), tuple(map(str, d.get("levels") or ())), tuple(map(str, d.get("widths") or ())),
-                        None if d.get("gate") is None else str(d["gate"]), float(d.get("learned", 0.8)))
+                        None if d.get("gate") is None else str(d["gate"]), float(d.get("learned", Dial.learned)))
         named = [*(v for pair in compare for v in pair), *curves.variants, *knockout, *(dial.names() if dial else ())]
         unknown = sorted({v for v in named if v not in variants})
         bad_pairs = [p for p in compare if len(p) != 2]
