@@ -326,7 +326,8 @@ def test_the_dial_plots_the_seed_level_gap_against_conflict_level_and_width(tmp_
     variants = {f"{m}_c{lv}_w1": configs[m] for m in configs for lv in (0, 1)}
     (tmp_path / "d.yaml").write_text(
         "base: [experiments/base.yaml]\nseeds: [0, 1]\nvariants: {" + ", ".join(f"{k}: {{configs: {v}}}" for k, v in variants.items())
-        + '}\ndial: {a: tagmoe, b: agnostic, levels: ["0", "1", "2"], widths: [w1], gate: dense, learned: 0.8}\n')
+        + '}\ndial: {a: tagmoe, b: agnostic, levels: ["0", "1", "2"], widths: [w1], gate: dense, learned: 0.8}\n'
+        + "compare: [[tagmoe_c1_w1, agnostic_c1_w1]]\n")
     with pytest.raises(PresetError, match=r"unknown variant\(s\) \['agnostic_c2_w1', 'dense_c2_w1', 'tagmoe_c2_w1'\]"):
         Preset.load(tmp_path / "d.yaml", root=ROOT)
     (tmp_path / "d.yaml").write_text((tmp_path / "d.yaml").read_text().replace(', "2"]', "]"))
@@ -346,6 +347,8 @@ def test_the_dial_plots_the_seed_level_gap_against_conflict_level_and_width(tmp_
     assert "- conflict 0: no task has its twin (2 seed(s))" in text
     assert "- conflict 1: darken 1.00 (alone 1.00), brighten 0.62 → **not learned** (2 seed(s))" in text
     assert (tmp_path / "figures" / "d_dial.png").is_file()
+    # "all" in the paired tables is every task of the level, not the first variant's: the dial's +0.1050 on all 8 samples
+    assert "| flow_fixed | all | +0.1000 | +0.1100 | +0.1050 ± 0.0019 (8) |" in text
     # a cell left with one seed has no interval: no verdict, and the plot draws it without one
     (tmp_path / "figures" / "d_dial.png").unlink()
     (run_dir(tmp_path / "runs", next(r for r in preset.runs() if r.name == "tagmoe_c1_w1/seed1")) / "done.json").unlink()

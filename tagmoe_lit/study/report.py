@@ -158,7 +158,8 @@ def paired_tables(f: Finished, groups: dict[str, set[str]]) -> str:
 
 
 def per_task_table(f: Finished, metric: str) -> str:
-    tasks = list(next(iter(next(iter(f.reports.values())).values()))["tasks"])
+    # every variant's tasks: in a dial preset they differ by level, and "all" must cover each run's own
+    tasks = list(dict.fromkeys(t for by_seed in f.reports.values() for r in by_seed.values() for t in r["tasks"]))
     lines = [f"| task | " + " | ".join(f.variants()) + " |", "|---" * (len(f.variants()) + 1) + "|"]
     for task in tasks:
         cells = [_fmt(*mean_std([r["tasks"][task][metric] for r in f.reports[v].values() if task in r["tasks"]]))
@@ -335,7 +336,8 @@ def _rel(path: Path, link: Path) -> str:
 
 
 def section(f: Finished, figures: Path, link: Path) -> str:
-    tasks = list(next(iter(next(iter(f.reports.values())).values()))["tasks"])
+    # every variant's tasks: in a dial preset they differ by level, and "all" must cover each run's own
+    tasks = list(dict.fromkeys(t for by_seed in f.reports.values() for r in by_seed.values() for t in r["tasks"]))
     groups = task_groups(tasks)
     base = ", ".join(f"`{c}`" for c in f.preset.base)
     parts = [
