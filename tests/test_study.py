@@ -296,7 +296,7 @@ def test_runs_finished_before_the_config_reshape_are_recognised_and_migrated(tmp
     assert load_done(tmp_path, RunKey("another")) is None
 
 
-@pytest.mark.parametrize(("name", "count"), [("fidelity", 21), ("main", 25), ("interference", 42)])
+@pytest.mark.parametrize(("name", "count"), [("fidelity", 27), ("main", 25), ("interference", 60)])
 def test_a_screening_preset_resolves_every_run_to_a_distinct_config(name, count, monkeypatch):
     """Presets other than cpu/gpu (run by the smoke tests above) must at least compose: every run's config
     chain resolves, and no two runs share a fingerprint (a variant that changes nothing would)."""
