@@ -219,7 +219,7 @@ def test_cpu_suite_runs_two_steps_per_run_and_resumes(tmp_path, capsys, monkeypa
     assert {"dense", "moe_agnostic", "tagmoe", "tagcond_oracle", "heldout_tagmoe", "heldout_agnostic"} <= set(variants)
     for v in variants:
         done = json.loads((runs / v / "seed0" / "done.json").read_text())
-        assert done["steps"] == 2 and done["fit_s"] > 0
+        assert done["steps"] == 2 and done["fit_s"] > 0 and done["torch_threads"] == torch.get_num_threads()
         report = json.loads((runs / v / "seed0" / "test_report.json").read_text())
         assert len(report["per_sample"]["index"]) == 18
     curve = json.loads((runs / "tagmoe/seed0/curve.json").read_text())

@@ -318,12 +318,12 @@ def heldout_table(f: Finished) -> str:
 
 
 def wall_times(f: Finished) -> str:
-    lines = ["| run | steps | fit s | test s | curve s | knockout s |", "|---" * 6 + "|"]
+    lines = ["| run | steps | threads | fit s | test s | curve s | knockout s |", "|---" * 7 + "|"]
     total = 0.0
     for v in f.variants():
         for seed, d in sorted(f.done[v].items()):
             total += sum(x for k, x in d.items() if k.endswith("_s"))
-            lines.append(f"| {v}/seed{seed} | {d['steps']} | {d['fit_s']:.0f} | {d['test_s']:.0f} | "
+            lines.append(f"| {v}/seed{seed} | {d['steps']} | {d.get('torch_threads', '–')} | {d['fit_s']:.0f} | {d['test_s']:.0f} | "
                          f"{d.get('curve_s', 0):.0f} | {d.get('knockout_s', 0):.0f} |")
     return "\n".join(lines) + f"\n\nTotal: {total / 60:.1f} min.\n"
 

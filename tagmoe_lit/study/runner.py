@@ -9,7 +9,9 @@ some runs `curve.json` (test metrics of intermediate checkpoints) and `knockout.
 when its `done.json` exists with the fingerprint of its current resolved config; such runs are
 skipped. A run without one (interrupted, or its config changed) is deleted and trained again from step 0,
 which gives exactly the numbers of an uninterrupted run (training is deterministic and its noise
-is seeded per sample). When every run is done, `report.py` writes the results section.
+is seeded per sample) at the same number of CPU threads: the thread count changes the order of
+float reductions, and a rerun with another count lands elsewhere within seed noise, so `done.json`
+records it (`torch_threads`). When every run is done, `report.py` writes the results section.
 
 Runs execute in this process, one after another, through the same CLI as `fit` / `test`, so what
 the study measures is what a user of the kit gets. Extra arguments are config overrides given to
@@ -56,6 +58,8 @@ def _test(run: Run, extra: list[str], ckpt: Path, directory: Path, samples: int 
 
 def train_and_test(run: Run, directory: Path, extra: list[str], curve_every: int, curve_samples: int) -> dict:
     """fit, test (and the curve / knockout extras) of one run into an empty `directory`; the timings."""
+    import torch  # imported late, as the CLI: `study --help` stays instant
+
     times: dict[str, float] = {}
     fit_args = ["fit", *_seeded(run, extra), "--trainer.default_root_dir", str(directory),
                 "--trainer.logger.init_args.save_dir", str(directory)]
@@ -96,7 +100,7 @@ def train_and_test(run: Run, directory: Path, extra: list[str], curve_every: int
         shutil.move(str(ckpt_dir / "knockout.json"), directory / "knockout.json")
         (ckpt_dir / "knockout.md").unlink()
         times["knockout_s"] = time.perf_counter() - start
-    return {**times, "steps": steps, "checkpoint": str(final)}
+    return {**times, "steps": steps, "torch_threads": torch.get_num_threads(), "checkpoint": str(final)}
 
 
 def run_study(preset: Preset, out: Path, extra: list[str]) -> list[Run]:
