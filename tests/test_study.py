@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from tagmoe_lit.metrics.report import TaskReport
 from tagmoe_lit.study import Preset, PresetError, paired
@@ -200,8 +201,9 @@ def test_report_is_written_from_finished_run_folders_only(tmp_path, monkeypatch)
     assert "| recolor | 0.750 ± 0.354 | 1.000 ± 0.000 |" in text and "| stylize | 0.000 ± 0.000 | 0.500 ± 0.000 |" in text
     assert "| recolor | 1.000 | -0.750 |" in text and "| stylize | 0.500 | – |" in text  # knockout of tagmoe seed 0
     assert "No held-out run finished." in text
-    assert "| tagmoe/seed1 | 2 | 60 | 5 | 0 | 0 |" in text and "Total: 4.3 min." in text
-    assert (tmp_path / "figures" / "p_curves.png").is_file() and (tmp_path / "figures" / "p_routing_tagmoe_layer_0.png").is_file()
+    assert "| tagmoe/seed1 | 2 | – | 60 | 5 | 0 | 0 |" in text and "Total: 4.3 min." in text  # threads not recorded
+    assert Image.open(tmp_path / "figures" / "p_curves.png").width == 550  # no curve points: the loss panel alone
+    assert (tmp_path / "figures" / "p_routing_tagmoe_layer_0.png").is_file()
     assert "](figures/p_routing_tagmoe_layer_0.png)" in text
 
 
@@ -232,7 +234,7 @@ def test_cpu_suite_runs_two_steps_per_run_and_resumes(tmp_path, capsys, monkeypa
         assert heading in text
     assert "| heldout_tagmoe | move, relight |" in text
     assert "(1 seed: no interval) cannot tell apart" in text and "| success | all | " in text  # one seed: no verdict
-    assert (tmp_path / "results" / "cpu_curves.png").is_file()
+    assert Image.open(tmp_path / "results" / "cpu_curves.png").width == 1000  # loss and curve-point panels
     assert (tmp_path / "results" / "cpu_routing_tagmoe_layer_1.png").is_file()
 
     # resume: everything done is skipped; an unfinished run starts over; the report is rewritten in place

@@ -184,9 +184,13 @@ def routing_figures(f: Finished, figures: Path, link: Path) -> str:
 
 
 def curve_figures(f: Finished, figures: Path, link: Path) -> str:
-    """Training flow loss of every variant (mean over seeds) and, where measured, success by step."""
-    fig = Figure(figsize=(10, 3.6), dpi=100)
-    loss_ax, success_ax = fig.subplots(1, 2)
+    """Training flow loss of every variant (mean over seeds) and, where measured, success by step
+    (a second panel only when some variant has curve points: an empty one would read as a failure)."""
+    points = {v: json.loads(path.read_text()) for v in f.variants()
+              if (path := f.directory(v, min(f.done[v])) / "curve.json").is_file()}
+    fig = Figure(figsize=(10 if points else 5.5, 3.6), dpi=100)
+    axes = list(fig.subplots(1, 2)) if points else [fig.subplots(1, 1)]
+    loss_ax = axes[0]
     for v in f.variants():
         curves = [f.tb_scalars(v, seed, ["train/flow"]).get("train/flow", []) for seed in f.done[v]]
         curves = [c for c in curves if c]
@@ -196,16 +200,15 @@ def curve_figures(f: Finished, figures: Path, link: Path) -> str:
             mean = [sum(c[i][1] for c in curves) / len(curves) for i in range(n)]
             k = max(1, n // 40)  # smooth: mean of k consecutive logged points
             loss_ax.plot(steps[k - 1 :: k], [sum(mean[i : i + k]) / k for i in range(0, n - k + 1, k)], label=v)
-        seed = min(f.done[v])
-        path = f.directory(v, seed) / "curve.json"
-        if path.is_file():
-            points = json.loads(path.read_text())
-            steps = [p["step"] for p in points]
-            success_ax.plot(steps, [p["all"]["success"] for p in points], "o-", label=f"{v} success (all)")
-            success_ax.plot(steps, [p["all"]["preserve_accuracy"] for p in points], "s--", label=f"{v} preserve accuracy")
     loss_ax.set(xlabel="step", ylabel="train/flow", title="training flow loss (mean over seeds)", yscale="log")
-    success_ax.set(xlabel="step", title=f"first seed, {f.preset.curves.test_samples} test samples: test metrics by step")
-    for ax in (loss_ax, success_ax):
+    if points:
+        success_ax = axes[1]
+        for v, by_step in points.items():
+            steps = [p["step"] for p in by_step]
+            success_ax.plot(steps, [p["all"]["success"] for p in by_step], "o-", label=f"{v} success (all)")
+            success_ax.plot(steps, [p["all"]["preserve_accuracy"] for p in by_step], "s--", label=f"{v} preserve accuracy")
+        success_ax.set(xlabel="step", title=f"first seed, {f.preset.curves.test_samples} test samples: test metrics by step")
+    for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
