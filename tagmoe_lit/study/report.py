@@ -189,7 +189,7 @@ def curve_figures(f: Finished, figures: Path, link: Path) -> str:
     points = {v: json.loads(path.read_text()) for v in f.variants()
               if (path := f.directory(v, min(f.done[v])) / "curve.json").is_file()}
     fig = Figure(figsize=(10 if points else 5.5, 3.6), dpi=100)
-    axes = list(fig.subplots(1, 2)) if points else [fig.subplots(1, 1)]
+    axes = fig.subplots(1, 2 if points else 1, squeeze=False)[0]
     loss_ax = axes[0]
     for v in f.variants():
         curves = [f.tb_scalars(v, seed, ["train/flow"]).get("train/flow", []) for seed in f.done[v]]
